@@ -1,0 +1,31 @@
+"""lambjax: large-batch optimizers (LAMB, LARS, AdamWDL) for JAX and optax."""
+
+from lambjax._src.alias import adam as adam
+from lambjax._src.alias import adamw as adamw
+from lambjax._src.alias import adamw_dl as adamw_dl
+from lambjax._src.alias import lamb as lamb
+from lambjax._src.alias import lars as lars
+from lambjax._src.alias import layerwise_lr_decay as layerwise_lr_decay
+from lambjax._src.clipping import clip_by_global_norm as clip_by_global_norm
+from lambjax._src.clipping import clip_by_norm as clip_by_norm
+from lambjax._src.clipping import clip_by_value as clip_by_value
+from lambjax._src.lr import get_lr as get_lr
+from lambjax._src.lr import set_lr as set_lr
+from lambjax._src.names import mask_by_name as mask_by_name
+from lambjax._src.names import tree_names as tree_names
+from lambjax._src.transform import (
+  InjectedLearningRateState as InjectedLearningRateState,
+)
+from lambjax._src.transform import LearningRateState as LearningRateState
+from lambjax._src.transform import (
+  ScheduledLearningRateState as ScheduledLearningRateState,
+)
+from lambjax._src.transform import add_decayed_weights as add_decayed_weights
+from lambjax._src.transform import scale_by_adam as scale_by_adam
+from lambjax._src.transform import (
+  scale_by_learning_rate as scale_by_learning_rate,
+)
+from lambjax._src.transform import scale_by_lr_ratio as scale_by_lr_ratio
+from lambjax._src.transform import scale_by_trust_ratio as scale_by_trust_ratio
+
+__version__ = '0.1.0'

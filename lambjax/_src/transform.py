@@ -1,0 +1,435 @@
+"""Composable gradient transformations (the optax protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lambjax._src import base
+
+
+def scale_by_adam(
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  *,
+  nu_dtype: jax.typing.DTypeLike | None = None,
+  nesterov: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam's bias-corrected moment ratio.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t) + \epsilon_{root}}
+          + \epsilon}
+
+  This is :func:`optax.scale_by_adam` (same state type, same numbers), plus
+  ``nu_dtype``: the second moment can be stored in a lower precision (e.g.
+  ``jnp.bfloat16``) while the arithmetic runs in the gradient's dtype.
+
+  Args:
+    b1: decay of the first moment, in ``[0, 1)``.
+    b2: decay of the second moment, in ``[0, 1)``.
+    eps: added to the denominator outside the square root (``>= 0``).
+    eps_root: added inside the square root (``>= 0``).
+    mu_dtype: dtype of the first moment; ``None`` follows the params.
+    nu_dtype: dtype of the second moment; ``None`` follows the params.
+    nesterov: use Nesterov momentum (NAdam).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    ``optax.ScaleByAdamState``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import lambjax as lj
+    >>> tx = lj.scale_by_adam()
+    >>> params = jnp.array([1.0, -2.0])
+    >>> u, state = tx.update(jnp.array([0.5, 0.5]), tx.init(params))
+    >>> u  # the first Adam direction is sign(g) (up to eps)
+    Array([1., 1.], dtype=float32)
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2014.
+  """
+  where = 'scale_by_adam'
+  base.check_number(where, 'b1', b1, lo=0.0, hi=1.0, hi_open=True)
+  base.check_number(where, 'b2', b2, lo=0.0, hi=1.0, hi_open=True)
+  base.check_number(where, 'eps', eps, lo=0.0)
+  base.check_number(where, 'eps_root', eps_root, lo=0.0)
+  inner = optax.scale_by_adam(
+    b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+    nesterov=nesterov,
+  )
+  if nu_dtype is None:
+    return inner
+
+  def init_fn(params):
+    state = inner.init(params)
+    return state._replace(nu=optax.tree.cast(state.nu, nu_dtype))
+
+  # optax's update computes in the gradient's dtype and casts nu back to the
+  # dtype held in the state, so only init needs to change.
+  return optax.GradientTransformation(init_fn, inner.update)
+
+
+def _trust_ratio(
+  param_norm: jax.Array,
+  update_norm: jax.Array,
+  trust_coefficient,
+  eps,
+  dtype,
+  min_ratio,
+  max_ratio,
+) -> jax.Array:
+  """optax's trust ratio with its zero-norm fallback, then the clamp."""
+  ratio = trust_coefficient * param_norm / (update_norm + eps)
+  zero_norm = jnp.logical_or(param_norm == 0.0, update_norm == 0.0)
+  ratio = jnp.where(zero_norm, jnp.array(1.0, dtype=dtype), ratio)
+  if min_ratio is not None or max_ratio is not None:
+    ratio = jnp.clip(ratio, min_ratio, max_ratio)
+  return ratio
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+  return optax.safe_norm(x, 0.0)
+
+
+def scale_by_trust_ratio(
+  min_norm: jax.typing.ArrayLike = 0.0,
+  trust_coefficient: jax.typing.ArrayLike = 1.0,
+  eps: jax.typing.ArrayLike = 0.0,
+  *,
+  min_ratio: float | None = None,
+  max_ratio: float | None = None,
+  mask: base.MaskOrFn | None = None,
+  weight_decay: float | None = None,
+) -> optax.GradientTransformation:
+  r"""Scales each leaf's update by its trust ratio (layer adaptation).
+
+  By default this is :func:`optax.scale_by_trust_ratio` (same numbers):
+
+  .. math::
+    r = \frac{c \, \max(\|p\|, n_{min})}{\max(\|u\|, n_{min}) + \epsilon},
+    \qquad u \leftarrow r\,u,
+
+  with :math:`r = 1` where :math:`\|p\| = 0` or :math:`\|u\| = 0`. Options
+  optax lacks:
+
+  * ``min_ratio`` / ``max_ratio`` clamp :math:`r` (after the zero-norm
+    fallback, so the bounds always hold);
+  * ``mask`` picks the leaves that get adaptation; the others pass through;
+  * ``weight_decay`` switches to PaddlePaddle's LARS form. The incoming
+    updates are then raw gradients :math:`g` and the output is
+    :math:`r\,(g + wd\,p)` with
+    :math:`r = c\,\|p\| / (\|g\| + wd\,\|p\| + \epsilon)`, and :math:`r = 1`
+    (the raw learning rate, no coefficient) where ``weight_decay``,
+    :math:`\|p\|` or :math:`\|g\|` is zero. ``min_norm`` is not used there.
+
+  Args:
+    min_norm: lower bound of both norms (optax's option).
+    trust_coefficient: the multiplier :math:`c`.
+    eps: added to the denominator.
+    min_ratio: optional lower bound of :math:`r`.
+    max_ratio: optional upper bound of :math:`r`.
+    mask: pytree prefix of bools, or a callable on params returning one,
+      selecting the adapted leaves (``None``: all). Static, as in
+      ``optax.masked``.
+    weight_decay: ``None`` (optax form) or Paddle's LARS weight decay.
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` (it needs ``params``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import lambjax as lj
+    >>> tx = lj.scale_by_trust_ratio()
+    >>> p, u = jnp.array([3.0, 4.0]), jnp.array([0.0, 0.5])
+    >>> tx.update(u, tx.init(p), p)[0]  # ratio = 5 / 0.5 = 10
+    Array([0., 5.], dtype=float32)
+
+  References:
+    You et al., `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_, 2017 (LARS);
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, 2020 (LAMB).
+  """
+  where = 'scale_by_trust_ratio'
+  base.check_number(where, 'min_norm', min_norm, lo=0.0)
+  base.check_number(where, 'trust_coefficient', trust_coefficient, lo=0.0)
+  base.check_number(where, 'eps', eps, lo=0.0)
+  for arg, v in (('min_ratio', min_ratio), ('max_ratio', max_ratio)):
+    if v is not None:
+      base.check_number(where, arg, v, lo=0.0)
+  if (
+    base.is_static_number(min_ratio)
+    and base.is_static_number(max_ratio)
+    and min_ratio > max_ratio
+  ):
+    raise ValueError(
+      f'{where}: `min_ratio` ({min_ratio}) must be <= `max_ratio` '
+      f'({max_ratio}).'
+    )
+  if weight_decay is not None:
+    base.check_number(where, 'weight_decay', weight_decay, lo=0.0)
+
+  def scale_optax(update, param):
+    param_norm = optax.safe_norm(param, min_norm)
+    update_norm = optax.safe_norm(update, min_norm)
+    ratio = _trust_ratio(
+      param_norm, update_norm, trust_coefficient, eps, param.dtype,
+      min_ratio, max_ratio,
+    )
+    return update * ratio
+
+  def scale_paddle(grad, param):
+    wd = weight_decay
+    param_norm = _safe_norm(param)
+    grad_norm = _safe_norm(grad)
+    ratio = trust_coefficient * param_norm / (
+      grad_norm + wd * param_norm + eps
+    )
+    fallback = jnp.logical_or(param_norm == 0.0, grad_norm == 0.0)
+    if base.is_static_number(wd) and wd == 0.0:
+      fallback = True
+    else:
+      fallback = jnp.logical_or(fallback, wd == 0.0)
+    ratio = jnp.where(fallback, jnp.array(1.0, dtype=param.dtype), ratio)
+    if min_ratio is not None or max_ratio is not None:
+      ratio = jnp.clip(ratio, min_ratio, max_ratio)
+    return (grad + wd * param) * ratio
+
+  scale = scale_optax if weight_decay is None else scale_paddle
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    updates = jax.tree.map(
+      lambda u, p: None if u is None else scale(u, p),
+      updates, params, is_leaf=lambda x: x is None,
+    )
+    return updates, state
+
+  tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
+  if mask is not None:
+    return optax.masked(tx, mask)
+  return tx
+
+
+def add_decayed_weights(
+  weight_decay: base.ScalarOrSchedule = 0.0,
+  mask: base.MaskOrFn | None = None,
+) -> optax.GradientTransformation:
+  r"""Adds ``weight_decay * params`` to the updates: :math:`u + wd\,p`.
+
+  This is :func:`optax.add_decayed_weights` (reused, same numbers) with
+  argument checking.
+
+  Args:
+    weight_decay: a number ``>= 0`` or a schedule of the update count.
+    mask: pytree prefix of bools, or a callable on params returning one, of
+      the leaves that are decayed (``None``: all). Use
+      :func:`lambjax.mask_by_name` to decide by parameter name.
+
+  Returns:
+    An ``optax.GradientTransformation`` (it needs ``params``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import lambjax as lj
+    >>> tx = lj.add_decayed_weights(0.1)
+    >>> p = jnp.array([1.0, 2.0])
+    >>> tx.update(jnp.zeros(2), tx.init(p), p)[0]
+    Array([0.1, 0.2], dtype=float32)
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  base.check_number(
+    'add_decayed_weights', 'weight_decay', weight_decay, lo=0.0,
+    allow_schedule=True,
+  )
+  return optax.add_decayed_weights(weight_decay, mask)
+
+
+def scale_by_lr_ratio(
+  lr_ratio_fn: Callable[[str], float],
+) -> optax.GradientTransformation:
+  r"""Multiplies each leaf's update by ``lr_ratio_fn(name)``.
+
+  The per-leaf learning-rate multiplier of layer-wise learning-rate decay
+  (:func:`lambjax.adamw_dl`): :math:`u \leftarrow \rho(\mathrm{name})\,u`,
+  with names from :func:`lambjax.tree_names`. The ratios are computed once
+  per trace from the tree's names, so they cost nothing at run time. Place
+  it *after* :func:`scale_by_trust_ratio` in a chain: a multiplier before
+  the trust ratio is cancelled by it.
+
+  Args:
+    lr_ratio_fn: ``name -> float``, a finite number ``>= 0`` per leaf.
+
+  Returns:
+    A stateless ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import lambjax as lj
+    >>> tx = lj.scale_by_lr_ratio(lambda name: 0.5 if 'emb' in name else 1.0)
+    >>> g = {'emb': jnp.ones(2), 'out': jnp.ones(2)}
+    >>> tx.update(g, tx.init(g))[0]['emb']
+    Array([0.5, 0.5], dtype=float32)
+  """
+  if not callable(lr_ratio_fn):
+    raise ValueError(
+      f'scale_by_lr_ratio: `lr_ratio_fn` must be callable, got {lr_ratio_fn!r}.'
+    )
+
+  def ratio_of(name):
+    r = lr_ratio_fn(name)
+    base.check_number(
+      'scale_by_lr_ratio', f'lr_ratio_fn({name!r})', r, lo=0.0
+    )
+    return float(r)
+
+  def update_fn(updates, state, params=None):
+    del params
+    named, treedef = base.flatten_with_names(updates)
+    out = []
+    for name, u in named:
+      r = ratio_of(name)
+      out.append(u if (u is None or r == 1.0) else u * jnp.asarray(r, u.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+class LearningRateState(NamedTuple):
+  """State of a constant learning rate that can be changed at run time.
+
+  ``learning_rate`` (float32, shape ``()``) is what the next update uses;
+  :func:`lambjax.set_lr` replaces it, inside ``jax.jit`` too.
+  """
+
+  learning_rate: jax.Array
+
+
+class ScheduledLearningRateState(NamedTuple):
+  """State of a learning rate driven by a schedule of the update count.
+
+  ``count`` is the number of updates so far and ``learning_rate`` the
+  schedule's value for the next update (read with :func:`lambjax.get_lr`).
+  """
+
+  count: jax.Array
+  learning_rate: jax.Array
+
+
+class InjectedLearningRateState(NamedTuple):
+  """State of a learning rate given as a jax array (e.g. by
+  ``optax.inject_hyperparams``): the array drives the update and
+  ``learning_rate`` records the value last used."""
+
+  learning_rate: jax.Array
+
+
+_LR_STATES = (
+  LearningRateState, ScheduledLearningRateState, InjectedLearningRateState
+)
+
+
+def scale_by_learning_rate(
+  learning_rate: base.ScalarOrSchedule,
+  *,
+  flip_sign: bool = True,
+) -> optax.GradientTransformation:
+  r"""Scales updates by ``-learning_rate``, keeping the rate in the state.
+
+  :math:`u \leftarrow -\eta_t\,u`. Same numbers as
+  :func:`optax.scale_by_learning_rate`, but the rate lives in the state as a
+  float32 array so that :func:`lambjax.get_lr` can read it and
+  :func:`lambjax.set_lr` can change it inside ``jax.jit`` without a
+  recompile:
+
+  * a number gives :class:`LearningRateState` (settable);
+  * a schedule ``count -> lr`` gives :class:`ScheduledLearningRateState`
+    (``set_lr`` raises, as in Paddle);
+  * a jax array (what ``optax.inject_hyperparams`` passes) drives the update
+    itself and gives :class:`InjectedLearningRateState`.
+
+  Args:
+    learning_rate: a number ``>= 0``, a jax scalar array or a schedule.
+    flip_sign: multiply by ``-learning_rate`` (descent) when True.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import lambjax as lj
+    >>> tx = lj.scale_by_learning_rate(0.1)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> tx.update(jnp.ones(2), lj.set_lr(state, 0.5))[0]
+    Array([-0.5, -0.5], dtype=float32)
+  """
+  base.check_number(
+    'scale_by_learning_rate', 'learning_rate', learning_rate, lo=0.0,
+    allow_schedule=True,
+  )
+  sign = -1.0 if flip_sign else 1.0
+
+  def apply(updates, lr):
+    step = sign * lr
+    return jax.tree.map(
+      lambda g: None if g is None else jnp.asarray(step, g.dtype) * g,
+      updates, is_leaf=lambda x: x is None,
+    )
+
+  def as_f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+  if callable(learning_rate):
+
+    def init_fn(params):
+      del params
+      count = jnp.zeros([], jnp.int32)
+      return ScheduledLearningRateState(count, as_f32(learning_rate(count)))
+
+    def update_fn(updates, state, params=None):
+      del params
+      updates = apply(updates, learning_rate(state.count))
+      count = optax.safe_increment(state.count)
+      return updates, ScheduledLearningRateState(
+        count, as_f32(learning_rate(count))
+      )
+
+  elif base.is_static_number(learning_rate):
+
+    def init_fn(params):
+      del params
+      return LearningRateState(as_f32(learning_rate))
+
+    def update_fn(updates, state, params=None):
+      del params
+      return apply(updates, state.learning_rate), state
+
+  else:
+
+    def init_fn(params):
+      del params
+      return InjectedLearningRateState(as_f32(learning_rate))
+
+    def update_fn(updates, state, params=None):
+      del params, state
+      return apply(updates, learning_rate), InjectedLearningRateState(
+        as_f32(learning_rate)
+      )
+
+  return optax.GradientTransformation(init_fn, update_fn)
