@@ -10,7 +10,13 @@ import optax
 
 from lambjax._src import transform
 
-_KINDS = transform._LR_STATES + (optax.InjectHyperparamsState,)
+# optax.inject_hyperparams states (the stateful one is optax >= 0.2.5).
+_INJECT = tuple(
+  getattr(optax, n)
+  for n in ('InjectHyperparamsState', 'InjectStatefulHyperparamsState')
+  if hasattr(optax, n)
+)
+_KINDS = transform._LR_STATES + _INJECT
 
 
 def _is_lr_node(x: Any) -> bool:
@@ -23,7 +29,7 @@ def _lr_nodes(opt_state) -> list[Any]:
     for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_lr_node)
     if _is_lr_node(x)
     and not (
-      isinstance(x, optax.InjectHyperparamsState)
+      isinstance(x, _INJECT)
       and 'learning_rate' not in x.hyperparams
     )
   ]
@@ -62,7 +68,7 @@ def get_lr(opt_state: Any) -> jax.Array:
     Array(0.1, dtype=float32)
   """
   node = _the_node('get_lr', opt_state)
-  if isinstance(node, optax.InjectHyperparamsState):
+  if isinstance(node, _INJECT):
     return jnp.asarray(node.hyperparams['learning_rate'], jnp.float32)
   return node.learning_rate
 
@@ -116,7 +122,7 @@ def set_lr(opt_state: Any, value: jax.typing.ArrayLike) -> Any:
       return x._replace(
         learning_rate=jnp.asarray(value, x.learning_rate.dtype)
       )
-    if isinstance(x, optax.InjectHyperparamsState):
+    if isinstance(x, _INJECT):
       hp = dict(x.hyperparams)
       old = hp['learning_rate']
       hp['learning_rate'] = jnp.asarray(value, jnp.asarray(old).dtype)

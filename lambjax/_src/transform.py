@@ -364,6 +364,12 @@ def scale_by_learning_rate(
   * a jax array (what ``optax.inject_hyperparams`` passes) drives the update
     itself and gives :class:`InjectedLearningRateState`.
 
+  .. note::
+    With a number, the rate held in the state is the one used: a state
+    restored from a checkpoint keeps its rate even if the optimizer is
+    rebuilt with another number (as ``torch.optim``'s ``load_state_dict``
+    restores the learning rate). Change it with :func:`lambjax.set_lr`.
+
   Args:
     learning_rate: a number ``>= 0``, a jax scalar array or a schedule.
     flip_sign: multiply by ``-learning_rate`` (descent) when True.

@@ -1,0 +1,140 @@
+"""Shared test data and float64 numpy references of the documented formulas.
+
+Nothing here imports lambjax: these are independent re-implementations of the
+update rules written in the docstrings and in ../shared/spec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mixed_tree(seed: int = 0) -> dict:
+  """Matrices, vectors, a 0-d scalar, a zero bias and a frozen leaf."""
+  rng = np.random.default_rng(seed)
+  return {
+    'encoder': {
+      'layers': [
+        {'kernel': rng.normal(size=(4, 3)), 'bias': np.zeros(3)},
+        {'kernel': rng.normal(size=(3, 5)), 'bias': rng.normal(size=5)},
+      ],
+    },
+    'embeddings': rng.normal(size=(6, 4)),
+    'scale': np.array(1.5),
+    'frozen': rng.normal(size=(2, 2)),  # Its gradient is always zero.
+  }
+
+
+def grads_sequence(params: dict, steps: int, seed: int = 1) -> list[dict]:
+  """Random gradients; the 'frozen' leaf always gets zeros."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(steps):
+    g = jax.tree.map(lambda p: rng.normal(size=np.shape(p)), params)
+    g['frozen'] = np.zeros_like(params['frozen'])
+    out.append(g)
+  return out
+
+
+def to_jax(tree, dtype=jnp.float32):
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+def to_np64(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def names_and_leaves(tree) -> list[tuple[str, np.ndarray]]:
+  """Independent name rule: key path joined by '.' (dict keys, list idx)."""
+  out = []
+
+  def walk(prefix, node):
+    if isinstance(node, dict):
+      for k in sorted(node):
+        walk(prefix + [str(k)], node[k])
+    elif isinstance(node, list | tuple):
+      for i, v in enumerate(node):
+        walk(prefix + [str(i)], v)
+    else:
+      out.append(('.'.join(prefix), node))
+
+  walk([], tree)
+  return out
+
+
+def map_named(fn, *trees):
+  """Applies fn(name, *leaves) over dict/list trees, keeping the structure."""
+
+  def walk(prefix, *nodes):
+    first = nodes[0]
+    if isinstance(first, dict):
+      return {k: walk(prefix + [str(k)], *(n[k] for n in nodes)) for k in first}
+    if isinstance(first, list):
+      return [
+        walk(prefix + [str(i)], *(n[i] for n in nodes))
+        for i in range(len(first))
+      ]
+    return fn('.'.join(prefix), *nodes)
+
+  return walk([], *trees)
+
+
+def max_rel_err(actual, expected) -> float:
+  """max |a - e| / max |e| per leaf, the worst over leaves (0 if e == 0)."""
+  errs = []
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
+                  strict=True):
+    a = np.asarray(a, np.float64)
+    e = np.asarray(e, np.float64)
+    scale = max(np.max(np.abs(e)) if e.size else 0.0, 1e-30)
+    errs.append(np.max(np.abs(a - e)) / scale if e.size else 0.0)
+  return max(errs) if errs else 0.0
+
+
+# ---------------------------------------------------------------------------
+# float64 numpy references
+# ---------------------------------------------------------------------------
+
+def norm(x) -> float:
+  return float(np.sqrt(np.sum(np.square(x))))
+
+
+class NumpyAdam:
+  """Adam moments and bias-corrected direction, one leaf at a time."""
+
+  def __init__(self, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0):
+    self.b1, self.b2, self.eps, self.eps_root = b1, b2, eps, eps_root
+
+  def init(self, p):
+    return {'m': np.zeros_like(p), 'v': np.zeros_like(p)}
+
+  def direction(self, g, s, t):
+    """Updates s in place; returns m_hat / (sqrt(v_hat + eps_root) + eps)."""
+    s['m'] = self.b1 * s['m'] + (1 - self.b1) * g
+    s['v'] = self.b2 * s['v'] + (1 - self.b2) * g * g
+    m_hat = s['m'] / (1 - self.b1 ** t)
+    v_hat = s['v'] / (1 - self.b2 ** t)
+    return m_hat / (np.sqrt(v_hat + self.eps_root) + self.eps)
+
+
+def ref_trust(pn, un, coeff=1.0, eps=0.0, lo=None, hi=None):
+  r = 1.0 if (pn == 0 or un == 0) else coeff * pn / (un + eps)
+  if lo is not None:
+    r = max(r, lo)
+  if hi is not None:
+    r = min(r, hi)
+  return r
+
+
+def run_numpy(step_fn, init_fn, params, grads_list):
+  """Runs a per-leaf numpy optimizer; returns the list of param trees."""
+  p = to_np64(params)
+  state = map_named(lambda n, x: init_fn(n, x), p)
+  traj = []
+  for t, g in enumerate(grads_list, start=1):
+    g = to_np64(g)
+    p = map_named(lambda n, x, gg, s: step_fn(n, x, gg, s, t), p, g, state)
+    traj.append(p)
+  return traj
