@@ -84,8 +84,9 @@ def map_named(fn, *trees):
 def max_rel_err(actual, expected) -> float:
   """max |a - e| / max |e| per leaf, the worst over leaves (0 if e == 0)."""
   errs = []
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
-                  strict=True):
+  for a, e in zip(
+    jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True
+  ):
     a = np.asarray(a, np.float64)
     e = np.asarray(e, np.float64)
     scale = max(np.max(np.abs(e)) if e.size else 0.0, 1e-30)
@@ -96,6 +97,7 @@ def max_rel_err(actual, expected) -> float:
 # ---------------------------------------------------------------------------
 # float64 numpy references
 # ---------------------------------------------------------------------------
+
 
 def norm(x) -> float:
   return float(np.sqrt(np.sum(np.square(x))))
@@ -114,8 +116,8 @@ class NumpyAdam:
     """Updates s in place; returns m_hat / (sqrt(v_hat + eps_root) + eps)."""
     s['m'] = self.b1 * s['m'] + (1 - self.b1) * g
     s['v'] = self.b2 * s['v'] + (1 - self.b2) * g * g
-    m_hat = s['m'] / (1 - self.b1 ** t)
-    v_hat = s['v'] / (1 - self.b2 ** t)
+    m_hat = s['m'] / (1 - self.b1**t)
+    v_hat = s['v'] / (1 - self.b2**t)
     return m_hat / (np.sqrt(v_hat + self.eps_root) + self.eps)
 
 
@@ -135,6 +137,6 @@ def run_numpy(step_fn, init_fn, params, grads_list):
   traj = []
   for t, g in enumerate(grads_list, start=1):
     g = to_np64(g)
-    p = map_named(lambda n, x, gg, s: step_fn(n, x, gg, s, t), p, g, state)
+    p = map_named(lambda n, x, gg, s, t=t: step_fn(n, x, gg, s, t), p, g, state)
     traj.append(p)
   return traj

@@ -17,43 +17,54 @@ import lambjax as lj
 ALIASES = {
   'lamb': lambda lr=1e-2: lj.lamb(lr, weight_decay=1e-4),
   'lamb_masked': lambda lr=1e-2: lj.lamb(
-    lr, weight_decay=1e-4, mask=lambda p: jax.tree.map(
-      lambda x: jnp.ndim(x) > 1, p),
-    trust_ratio_mask=lj.mask_by_name(r'kernel')),
+    lr,
+    weight_decay=1e-4,
+    mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) > 1, p),
+    trust_ratio_mask=lj.mask_by_name(r'kernel'),
+  ),
   'lars': lambda lr=0.5: lj.lars(lr, weight_decay=1e-4, trust_coefficient=0.1),
   'lars_paddle': lambda lr=0.5: lj.lars(
-    lr, weight_decay=1e-4, trust_coefficient=0.1, trust_ratio_form='paddle'),
+    lr, weight_decay=1e-4, trust_coefficient=0.1, trust_ratio_form='paddle'
+  ),
   'adam': lambda lr=1e-2: lj.adam(lr),
   'adamw': lambda lr=1e-2: lj.adamw(lr),
-  'adamw_dl': lambda lr=1e-2: lj.adamw_dl(lr, layerwise_decay=0.9,
-                                          n_layers=2),
+  'adamw_dl': lambda lr=1e-2: lj.adamw_dl(lr, layerwise_decay=0.9, n_layers=2),
 }
 NAMES = sorted(ALIASES)
 
 
 def _parabola():
   target = jnp.array([1.0, -2.0, 0.5])
-  return (lambda p: jnp.sum((p['x'] - target) ** 2),
-          {'x': jnp.array([3.0, 1.0, -1.0])}, {'x': target})
+  return (
+    lambda p: jnp.sum((p['x'] - target) ** 2),
+    {'x': jnp.array([3.0, 1.0, -1.0])},
+    {'x': target},
+  )
 
 
 def _rosenbrock():
   def f(p):
     x, y = p['x'][0], p['x'][1]
-    return (1.0 - x) ** 2 + 100.0 * (y - x ** 2) ** 2
+    return (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
 
   return f, {'x': jnp.array([-0.5, 0.5])}, {'x': jnp.array([1.0, 1.0])}
 
 
 CONVERGENCE_LR = {
-  'lamb': 3e-2, 'lamb_masked': 3e-2, 'lars': 0.3, 'lars_paddle': 0.3,
-  'adam': 3e-2, 'adamw': 3e-2, 'adamw_dl': 3e-2,
+  'lamb': 3e-2,
+  'lamb_masked': 3e-2,
+  'lars': 0.3,
+  'lars_paddle': 0.3,
+  'adam': 3e-2,
+  'adamw': 3e-2,
+  'adamw_dl': 3e-2,
 }
 
 
 @pytest.mark.parametrize('name', NAMES)
-@pytest.mark.parametrize('target', [_parabola, _rosenbrock],
-                         ids=['parabola', 'rosenbrock'])
+@pytest.mark.parametrize(
+  'target', [_parabola, _rosenbrock], ids=['parabola', 'rosenbrock']
+)
 def test_converges_under_jit(name, target):
   loss, params, optimum = target()
   sched = optax.cosine_decay_schedule(CONVERGENCE_LR[name], 5000)
@@ -71,8 +82,9 @@ def test_converges_under_jit(name, target):
     return jax.lax.fori_loop(0, 5000, body, (params, state))
 
   params, _ = run(params, state)
-  np.testing.assert_allclose(np.asarray(params['x']),
-                             np.asarray(optimum['x']), atol=3e-2)
+  np.testing.assert_allclose(
+    np.asarray(params['x']), np.asarray(optimum['x']), atol=3e-2
+  )
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -101,7 +113,10 @@ def test_second_call_does_not_retrace(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_bf16_params_get_bf16_updates(name):
   tx = ALIASES[name]()
-  params = {'w': jnp.ones((3, 2), jnp.bfloat16), 'b': jnp.zeros(2, jnp.bfloat16)}
+  params = {
+    'w': jnp.ones((3, 2), jnp.bfloat16),
+    'b': jnp.zeros(2, jnp.bfloat16),
+  }
   state = tx.init(params)
   g = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
   u, state = jax.jit(tx.update)(g, state, params)
@@ -154,17 +169,25 @@ def test_inside_chain_multisteps_and_extra_args(name):
 
 @pytest.mark.parametrize('name', ['lamb', 'adamw', 'lars', 'adam'])
 def test_inject_hyperparams(name):
-  fn = {'lamb': lj.lamb, 'adamw': lj.adamw, 'lars': lj.lars,
-        'adam': lj.adam}[name]
+  fn = {'lamb': lj.lamb, 'adamw': lj.adamw, 'lars': lj.lars, 'adam': lj.adam}[
+    name
+  ]
   params = {'w': jnp.arange(6.0).reshape(3, 2) / 6, 'b': jnp.ones(2)}
   g = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
   mask = lj.mask_by_name(r'w$')
-  kwargs = {} if name == 'adam' else (
-    {'weight_decay': 0.1, 'mask': mask} if name != 'lars'
-    else {'weight_decay': 0.1, 'weight_decay_mask': mask})
+  kwargs = (
+    {}
+    if name == 'adam'
+    else (
+      {'weight_decay': 0.1, 'mask': mask}
+      if name != 'lars'
+      else {'weight_decay': 0.1, 'weight_decay_mask': mask}
+    )
+  )
   static = tuple(k for k in kwargs if 'mask' in k)
   injected = optax.inject_hyperparams(fn, static_args=static)(
-    learning_rate=0.01, **kwargs)
+    learning_rate=0.01, **kwargs
+  )
   plain = fn(0.01, **kwargs)
   si, sp = injected.init(params), plain.init(params)
   step_i, step_p = jax.jit(injected.update), jax.jit(plain.update)
@@ -198,7 +221,8 @@ def test_flax_train_state_under_jit(name):
   y = jnp.sum(x, axis=1, keepdims=True)
   params = model.init(jax.random.key(0), x)['params']
   state = train_state.TrainState.create(
-    apply_fn=model.apply, params=params, tx=ALIASES[name]())
+    apply_fn=model.apply, params=params, tx=ALIASES[name]()
+  )
 
   @jax.jit
   def step(state):
@@ -217,8 +241,9 @@ def test_flax_train_state_under_jit(name):
 
 class _NNXModel(nnx.Module):
   def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(2, 8, rngs=rngs),
-                            nnx.Linear(8, 1, rngs=rngs)])
+    self.layers = nnx.List(
+      [nnx.Linear(2, 8, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)]
+    )
 
   def __call__(self, x):
     return self.layers[1](nnx.relu(self.layers[0](x)))
@@ -254,9 +279,12 @@ def test_nnx_names_match_between_init_and_update():
 
   model = _NNXModel(nnx.Rngs(0))
   opt = nnx.Optimizer(
-    model, lj.lamb(1e-2, weight_decay=0.1, mask=lj.mask_by_name(pred)),
-    wrt=nnx.Param)
+    model,
+    lj.lamb(1e-2, weight_decay=0.1, mask=lj.mask_by_name(pred)),
+    wrt=nnx.Param,
+  )
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
   opt.update(model, grads)
-  assert set(seen) == {f'layers.{i}.{k}' for i in (0, 1)
-                       for k in ('kernel', 'bias')}
+  assert set(seen) == {
+    f'layers.{i}.{k}' for i in (0, 1) for k in ('kernel', 'bias')
+  }

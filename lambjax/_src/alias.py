@@ -9,8 +9,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from lambjax._src import base
-from lambjax._src import transform
+from lambjax._src import base, transform
 
 _LAYER_RE = re.compile(r'(?:^|\.)layers[._](\d+)(?=\.|$)')
 
@@ -118,8 +117,8 @@ def _checked(
 
 
 def _lr_ratio(lr_ratio_fn) -> tuple[optax.GradientTransformation, ...]:
-  return () if lr_ratio_fn is None else (
-    transform.scale_by_lr_ratio(lr_ratio_fn),
+  return (
+    () if lr_ratio_fn is None else (transform.scale_by_lr_ratio(lr_ratio_fn),)
   )
 
 
@@ -205,7 +204,11 @@ def lamb(
     'lamb',
     optax.chain(
       transform.scale_by_adam(
-        b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
       ),
       transform.add_decayed_weights(weight_decay, mask),
@@ -295,8 +298,11 @@ def lars(
     adapt = (
       transform.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       transform.scale_by_trust_ratio(
-        trust_coefficient=trust_coefficient, eps=eps, min_ratio=min_ratio,
-        max_ratio=max_ratio, mask=trust_ratio_mask,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        min_ratio=min_ratio,
+        max_ratio=max_ratio,
+        mask=trust_ratio_mask,
       ),
     )
   elif trust_ratio_form == 'paddle':
@@ -313,8 +319,11 @@ def lars(
       )
     adapt = (
       transform.scale_by_trust_ratio(
-        trust_coefficient=trust_coefficient, eps=eps, min_ratio=min_ratio,
-        max_ratio=max_ratio, mask=weight_decay_mask,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        min_ratio=min_ratio,
+        max_ratio=max_ratio,
+        mask=weight_decay_mask,
         weight_decay=weight_decay,
       ),
     )
@@ -388,8 +397,13 @@ def adam(
     'adam',
     optax.chain(
       transform.scale_by_adam(
-        b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype, nesterov=nesterov,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        nesterov=nesterov,
       ),
       transform.scale_by_learning_rate(learning_rate),
     ),
@@ -462,8 +476,13 @@ def adamw(
     'adamw',
     optax.chain(
       transform.scale_by_adam(
-        b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype, nesterov=nesterov,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        nesterov=nesterov,
       ),
       transform.add_decayed_weights(weight_decay, mask),
       *_lr_ratio(lr_ratio_fn),

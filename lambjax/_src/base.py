@@ -178,8 +178,9 @@ def check_same_tree(
         msg = f'{what} has leaf {g!r} that the {ref_what} does not have'
       else:
         msg = f'{what} is missing leaf {r!r} of the {ref_what}'
-      raise ValueError(f'{where}: the {what} tree differs from the '
-                       f'{ref_what} tree: {msg}.')
+      raise ValueError(
+        f'{where}: the {what} tree differs from the {ref_what} tree: {msg}.'
+      )
   raise ValueError(
     f'{where}: the {what} tree differs from the {ref_what} tree in its node '
     f'types (same leaf names): {got_def} vs {ref_def}.'

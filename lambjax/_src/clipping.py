@@ -106,14 +106,14 @@ def clip_by_value(
   lo = -max if min is None else min
   base.check_number('clip_by_value', 'min', lo)
   if lo > max:
-    raise ValueError(
-      f'clip_by_value: `min` ({lo}) must be <= `max` ({max}).'
-    )
+    raise ValueError(f'clip_by_value: `min` ({lo}) must be <= `max` ({max}).')
 
   def update_fn(updates, state, params=None):
     del params
     return jax.tree.map(
-      lambda g: jnp.clip(g, jnp.asarray(lo, g.dtype), jnp.asarray(max, g.dtype)),
+      lambda g: jnp.clip(
+        g, jnp.asarray(lo, g.dtype), jnp.asarray(max, g.dtype)
+      ),
       updates,
     ), state
 

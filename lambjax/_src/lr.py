@@ -28,10 +28,7 @@ def _lr_nodes(opt_state) -> list[Any]:
     x
     for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_lr_node)
     if _is_lr_node(x)
-    and not (
-      isinstance(x, _INJECT)
-      and 'learning_rate' not in x.hyperparams
-    )
+    and not (isinstance(x, _INJECT) and 'learning_rate' not in x.hyperparams)
   ]
 
 
@@ -108,7 +105,7 @@ def set_lr(opt_state: Any, value: jax.typing.ArrayLike) -> Any:
   for node in nodes:
     if isinstance(node, transform.ScheduledLearningRateState):
       raise ValueError(
-        'set_lr: a schedule drives this optimizer\'s learning rate; '
+        "set_lr: a schedule drives this optimizer's learning rate; "
         'set_lr only works with a constant learning rate.'
       )
     if isinstance(node, transform.InjectedLearningRateState):
@@ -119,9 +116,7 @@ def set_lr(opt_state: Any, value: jax.typing.ArrayLike) -> Any:
 
   def replace(x):
     if isinstance(x, transform.LearningRateState):
-      return x._replace(
-        learning_rate=jnp.asarray(value, x.learning_rate.dtype)
-      )
+      return x._replace(learning_rate=jnp.asarray(value, x.learning_rate.dtype))
     if isinstance(x, _INJECT):
       hp = dict(x.hyperparams)
       old = hp['learning_rate']

@@ -66,7 +66,11 @@ def scale_by_adam(
   base.check_number(where, 'eps', eps, lo=0.0)
   base.check_number(where, 'eps_root', eps_root, lo=0.0)
   inner = optax.scale_by_adam(
-    b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    eps_root=eps_root,
+    mu_dtype=mu_dtype,
     nesterov=nesterov,
   )
   if nu_dtype is None:
@@ -185,8 +189,13 @@ def scale_by_trust_ratio(
     param_norm = optax.safe_norm(param, min_norm)
     update_norm = optax.safe_norm(update, min_norm)
     ratio = _trust_ratio(
-      param_norm, update_norm, trust_coefficient, eps, param.dtype,
-      min_ratio, max_ratio,
+      param_norm,
+      update_norm,
+      trust_coefficient,
+      eps,
+      param.dtype,
+      min_ratio,
+      max_ratio,
     )
     return update * ratio
 
@@ -194,9 +203,7 @@ def scale_by_trust_ratio(
     wd = weight_decay
     param_norm = _safe_norm(param)
     grad_norm = _safe_norm(grad)
-    ratio = trust_coefficient * param_norm / (
-      grad_norm + wd * param_norm + eps
-    )
+    ratio = trust_coefficient * param_norm / (grad_norm + wd * param_norm + eps)
     fallback = jnp.logical_or(param_norm == 0.0, grad_norm == 0.0)
     if base.is_static_number(wd) and wd == 0.0:
       fallback = True
@@ -214,7 +221,9 @@ def scale_by_trust_ratio(
       raise ValueError(base.NO_PARAMS_MSG)
     updates = jax.tree.map(
       lambda u, p: None if u is None else scale(u, p),
-      updates, params, is_leaf=lambda x: x is None,
+      updates,
+      params,
+      is_leaf=lambda x: x is None,
     )
     return updates, state
 
@@ -255,7 +264,10 @@ def add_decayed_weights(
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
   base.check_number(
-    'add_decayed_weights', 'weight_decay', weight_decay, lo=0.0,
+    'add_decayed_weights',
+    'weight_decay',
+    weight_decay,
+    lo=0.0,
     allow_schedule=True,
   )
   return optax.add_decayed_weights(weight_decay, mask)
@@ -294,9 +306,7 @@ def scale_by_lr_ratio(
 
   def ratio_of(name):
     r = lr_ratio_fn(name)
-    base.check_number(
-      'scale_by_lr_ratio', f'lr_ratio_fn({name!r})', r, lo=0.0
-    )
+    base.check_number('scale_by_lr_ratio', f'lr_ratio_fn({name!r})', r, lo=0.0)
     return float(r)
 
   def update_fn(updates, state, params=None):
@@ -341,7 +351,9 @@ class InjectedLearningRateState(NamedTuple):
 
 
 _LR_STATES = (
-  LearningRateState, ScheduledLearningRateState, InjectedLearningRateState
+  LearningRateState,
+  ScheduledLearningRateState,
+  InjectedLearningRateState,
 )
 
 
@@ -386,7 +398,10 @@ def scale_by_learning_rate(
     Array([-0.5, -0.5], dtype=float32)
   """
   base.check_number(
-    'scale_by_learning_rate', 'learning_rate', learning_rate, lo=0.0,
+    'scale_by_learning_rate',
+    'learning_rate',
+    learning_rate,
+    lo=0.0,
     allow_schedule=True,
   )
   sign = -1.0 if flip_sign else 1.0
@@ -395,7 +410,8 @@ def scale_by_learning_rate(
     step = sign * lr
     return jax.tree.map(
       lambda g: None if g is None else jnp.asarray(step, g.dtype) * g,
-      updates, is_leaf=lambda x: x is None,
+      updates,
+      is_leaf=lambda x: x is None,
     )
 
   def as_f32(x):
