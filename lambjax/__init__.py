@@ -1,5 +1,7 @@
 """lambjax: large-batch optimizers (LAMB, LARS, AdamWDL) for JAX and optax."""
 
+from lambjax import paddle as paddle
+from lambjax import schedules as schedules
 from lambjax._src.alias import adam as adam
 from lambjax._src.alias import adamw as adamw
 from lambjax._src.alias import adamw_dl as adamw_dl
