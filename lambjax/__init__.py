@@ -11,10 +11,17 @@ from lambjax._src.alias import layerwise_lr_decay as layerwise_lr_decay
 from lambjax._src.clipping import clip_by_global_norm as clip_by_global_norm
 from lambjax._src.clipping import clip_by_norm as clip_by_norm
 from lambjax._src.clipping import clip_by_value as clip_by_value
+from lambjax._src.faults import apply_if_finite as apply_if_finite
 from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
 from lambjax._src.names import mask_by_name as mask_by_name
 from lambjax._src.names import tree_names as tree_names
+from lambjax._src.state_io import from_bytes as from_bytes
+from lambjax._src.state_io import load_state as load_state
+from lambjax._src.state_io import load_state_dict as load_state_dict
+from lambjax._src.state_io import save_state as save_state
+from lambjax._src.state_io import state_dict as state_dict
+from lambjax._src.state_io import to_bytes as to_bytes
 from lambjax._src.transform import (
   InjectedLearningRateState as InjectedLearningRateState,
 )
