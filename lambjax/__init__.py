@@ -36,5 +36,8 @@ from lambjax._src.transform import (
 )
 from lambjax._src.transform import scale_by_lr_ratio as scale_by_lr_ratio
 from lambjax._src.transform import scale_by_trust_ratio as scale_by_trust_ratio
+from lambjax._src.wrappers import MasterWeightsState as MasterWeightsState
+from lambjax._src.wrappers import lazy_rows as lazy_rows
+from lambjax._src.wrappers import with_master_weights as with_master_weights
 
 __version__ = '0.1.0'
