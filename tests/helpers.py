@@ -94,6 +94,20 @@ def max_rel_err(actual, expected) -> float:
   return max(errs) if errs else 0.0
 
 
+def trajectory_rel_err(actual_traj, expected_traj) -> float:
+  """Per leaf: max over steps of |a - e| / max over steps of |e|; the worst."""
+  act = [jax.tree.leaves(t) for t in actual_traj]
+  exp = [jax.tree.leaves(t) for t in expected_traj]
+  worst = 0.0
+  for i in range(len(exp[0])):
+    e = np.stack([np.asarray(x[i], np.float64) for x in exp])
+    a = np.stack([np.asarray(x[i], np.float64) for x in act])
+    scale = np.max(np.abs(e)) if e.size else 0.0
+    if scale > 0:
+      worst = max(worst, float(np.max(np.abs(a - e)) / scale))
+  return worst
+
+
 # ---------------------------------------------------------------------------
 # float64 numpy references
 # ---------------------------------------------------------------------------

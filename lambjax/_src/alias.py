@@ -10,6 +10,7 @@ import jax
 import optax
 
 from lambjax._src import base, transform
+from lambjax._src import fused as fused_lib
 
 _LAYER_RE = re.compile(r'(?:^|\.)layers[._](\d+)(?=\.|$)')
 
@@ -122,6 +123,67 @@ def _lr_ratio(lr_ratio_fn) -> tuple[optax.GradientTransformation, ...]:
   )
 
 
+def _adam_like(
+  where,
+  learning_rate,
+  b1,
+  b2,
+  eps,
+  eps_root,
+  mu_dtype,
+  nu_dtype,
+  nesterov,
+  weight_decay,
+  mask,
+  lr_ratio_fn,
+  fused,
+  decoupled,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam (``decoupled=False``) or AdamW-style chains, fused where possible."""
+  lr_tx = transform.scale_by_learning_rate(learning_rate)
+  decay = (
+    (transform.add_decayed_weights(weight_decay, mask),) if decoupled else ()
+  )
+  chain = optax.chain(
+    transform.scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      nesterov=nesterov,
+    ),
+    *decay,
+    *_lr_ratio(lr_ratio_fn),
+    lr_tx,
+  )
+  if (
+    fused
+    and not nesterov
+    and fused_lib.applies(
+      (b1, b2, eps, eps_root, weight_decay if decoupled else 0.0)
+    )
+  ):
+    chain = fused_lib.adam_family(
+      chain,
+      lr_tx,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      weight_decay=weight_decay if decoupled else 0.0,
+      decay_mask=mask,
+      trust=False,
+      trust_mask=None,
+      min_ratio=None,
+      max_ratio=None,
+      lr_ratio_fn=lr_ratio_fn,
+    )
+  return _checked(where, chain, needs_params=decoupled)
+
+
 def lamb(
   learning_rate: base.ScalarOrSchedule,
   b1: jax.typing.ArrayLike = 0.9,
@@ -137,6 +199,7 @@ def lamb(
   lr_ratio_fn: Callable[[str], float] | None = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
+  fused: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LAMB optimizer (layer-wise adaptive Adam with decoupled decay).
 
@@ -178,6 +241,8 @@ def lamb(
       layer-wise decay), applied after the trust ratio so it is not cancelled.
     mu_dtype: dtype of the first moment (e.g. ``jnp.bfloat16``).
     nu_dtype: dtype of the second moment.
+    fused: use the fused per-leaf fast path (same numbers and state as the
+      chain) where it applies; ``False`` runs the chain itself.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -200,26 +265,43 @@ def lamb(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, 2020.
   """
-  return _checked(
-    'lamb',
-    optax.chain(
-      transform.scale_by_adam(
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-      ),
-      transform.add_decayed_weights(weight_decay, mask),
-      transform.scale_by_trust_ratio(
-        min_ratio=min_ratio, max_ratio=max_ratio, mask=trust_ratio_mask
-      ),
-      *_lr_ratio(lr_ratio_fn),
-      transform.scale_by_learning_rate(learning_rate),
+  lr_tx = transform.scale_by_learning_rate(learning_rate)
+  chain = optax.chain(
+    transform.scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
     ),
-    needs_params=True,
+    transform.add_decayed_weights(weight_decay, mask),
+    transform.scale_by_trust_ratio(
+      min_ratio=min_ratio, max_ratio=max_ratio, mask=trust_ratio_mask
+    ),
+    *_lr_ratio(lr_ratio_fn),
+    lr_tx,
   )
+  if fused and fused_lib.applies(
+    (b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
+  ):
+    chain = fused_lib.adam_family(
+      chain,
+      lr_tx,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      weight_decay=weight_decay,
+      decay_mask=mask,
+      trust=True,
+      trust_mask=trust_ratio_mask,
+      min_ratio=min_ratio,
+      max_ratio=max_ratio,
+      lr_ratio_fn=lr_ratio_fn,
+    )
+  return _checked('lamb', chain, needs_params=True)
 
 
 def lars(
@@ -236,6 +318,7 @@ def lars(
   min_ratio: float | None = None,
   max_ratio: float | None = None,
   lr_ratio_fn: Callable[[str], float] | None = None,
+  fused: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LARS optimizer (layer-wise adaptive rate scaling with momentum).
 
@@ -270,6 +353,7 @@ def lars(
     min_ratio: optional lower clamp of the trust ratio.
     max_ratio: optional upper clamp of the trust ratio.
     lr_ratio_fn: optional ``name -> float`` learning-rate multiplier.
+    fused: use the fused per-leaf fast path where it applies.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -332,16 +416,32 @@ def lars(
       "lars: `trust_ratio_form` must be 'optax' or 'paddle', got "
       f'{trust_ratio_form!r}.'
     )
-  return _checked(
-    where,
-    optax.chain(
-      *adapt,
-      *_lr_ratio(lr_ratio_fn),
-      transform.scale_by_learning_rate(learning_rate),
-      optax.trace(decay=momentum, nesterov=nesterov),
-    ),
-    needs_params=True,
+  lr_tx = transform.scale_by_learning_rate(learning_rate)
+  chain = optax.chain(
+    *adapt,
+    *_lr_ratio(lr_ratio_fn),
+    lr_tx,
+    optax.trace(decay=momentum, nesterov=nesterov),
   )
+  if fused and fused_lib.applies(
+    (weight_decay, trust_coefficient, eps, momentum, min_ratio, max_ratio)
+  ):
+    chain = fused_lib.lars(
+      chain,
+      lr_tx,
+      weight_decay=weight_decay,
+      decay_mask=weight_decay_mask,
+      trust_coefficient=trust_coefficient,
+      eps=eps,
+      trust_mask=trust_ratio_mask,
+      momentum=momentum,
+      nesterov=nesterov,
+      form=trust_ratio_form,
+      min_ratio=min_ratio,
+      max_ratio=max_ratio,
+      lr_ratio_fn=lr_ratio_fn,
+    )
+  return _checked(where, chain, needs_params=True)
 
 
 def adam(
@@ -354,6 +454,7 @@ def adam(
   *,
   nesterov: bool = False,
   nu_dtype: jax.typing.DTypeLike | None = None,
+  fused: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer: :math:`p \leftarrow p - \eta_t\,\hat m /
   (\sqrt{\hat v + \epsilon_{root}} + \epsilon)`.
@@ -371,6 +472,7 @@ def adam(
     mu_dtype: dtype of the first moment.
     nesterov: use Nesterov momentum (NAdam).
     nu_dtype: dtype of the second moment.
+    fused: use the fused per-leaf fast path where it applies.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -393,21 +495,21 @@ def adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
-  return _checked(
+  return _adam_like(
     'adam',
-    optax.chain(
-      transform.scale_by_adam(
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        nesterov=nesterov,
-      ),
-      transform.scale_by_learning_rate(learning_rate),
-    ),
-    needs_params=False,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    nu_dtype,
+    nesterov,
+    0.0,
+    None,
+    None,
+    fused,
+    decoupled=False,
   )
 
 
@@ -424,6 +526,7 @@ def adamw(
   nesterov: bool = False,
   nu_dtype: jax.typing.DTypeLike | None = None,
   lr_ratio_fn: Callable[[str], float] | None = None,
+  fused: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with weight decay decoupled from the gradient.
 
@@ -450,6 +553,7 @@ def adamw(
     nu_dtype: dtype of the second moment.
     lr_ratio_fn: optional ``name -> float`` learning-rate multiplier of both
       the Adam step and the decay.
+    fused: use the fused per-leaf fast path where it applies.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -472,23 +576,21 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  return _checked(
+  return _adam_like(
     'adamw',
-    optax.chain(
-      transform.scale_by_adam(
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        eps_root=eps_root,
-        mu_dtype=mu_dtype,
-        nu_dtype=nu_dtype,
-        nesterov=nesterov,
-      ),
-      transform.add_decayed_weights(weight_decay, mask),
-      *_lr_ratio(lr_ratio_fn),
-      transform.scale_by_learning_rate(learning_rate),
-    ),
-    needs_params=True,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    mu_dtype,
+    nu_dtype,
+    nesterov,
+    weight_decay,
+    mask,
+    lr_ratio_fn,
+    fused,
+    decoupled=True,
   )
 
 
@@ -502,6 +604,8 @@ def adamw_dl(
   layerwise_decay: float = 1.0,
   n_layers: int = 12,
   lr_ratio_fn: Callable[[str], float] | None = None,
+  *,
+  fused: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with layer-wise learning-rate decay (PaddleNLP's AdamWDL).
 
@@ -531,6 +635,7 @@ def adamw_dl(
     layerwise_decay: the per-layer decay, ``> 0``.
     n_layers: number of layers, ``>= 1``.
     lr_ratio_fn: ``name -> float``; overrides the default rule.
+    fused: use the fused per-leaf fast path where it applies.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -559,13 +664,19 @@ def adamw_dl(
     lr_ratio_fn = functools.partial(
       layerwise_lr_decay, layerwise_decay, n_layers
     )
-  return _checked(
+  return _adam_like(
     'adamw_dl',
-    optax.chain(
-      transform.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      transform.add_decayed_weights(weight_decay, mask),
-      transform.scale_by_lr_ratio(lr_ratio_fn),
-      transform.scale_by_learning_rate(learning_rate),
-    ),
-    needs_params=True,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    0.0,
+    None,
+    None,
+    False,
+    weight_decay,
+    mask,
+    lr_ratio_fn,
+    fused,
+    decoupled=True,
   )

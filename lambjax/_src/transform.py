@@ -273,6 +273,13 @@ def add_decayed_weights(
   return optax.add_decayed_weights(weight_decay, mask)
 
 
+def lr_ratio_value(lr_ratio_fn: Callable[[str], float], name: str) -> float:
+  """``lr_ratio_fn(name)`` as a float, checked to be finite and ``>= 0``."""
+  r = lr_ratio_fn(name)
+  base.check_number('scale_by_lr_ratio', f'lr_ratio_fn({name!r})', r, lo=0.0)
+  return float(r)
+
+
 def scale_by_lr_ratio(
   lr_ratio_fn: Callable[[str], float],
 ) -> optax.GradientTransformation:
@@ -304,17 +311,12 @@ def scale_by_lr_ratio(
       f'scale_by_lr_ratio: `lr_ratio_fn` must be callable, got {lr_ratio_fn!r}.'
     )
 
-  def ratio_of(name):
-    r = lr_ratio_fn(name)
-    base.check_number('scale_by_lr_ratio', f'lr_ratio_fn({name!r})', r, lo=0.0)
-    return float(r)
-
   def update_fn(updates, state, params=None):
     del params
     named, treedef = base.flatten_with_names(updates)
     out = []
     for name, u in named:
-      r = ratio_of(name)
+      r = lr_ratio_value(lr_ratio_fn, name)
       out.append(u if (u is None or r == 1.0) else u * jnp.asarray(r, u.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), state
 

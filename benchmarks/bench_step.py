@@ -1,0 +1,391 @@
+"""Optimizer step time, compile time, bandwidth fraction and peak RSS.
+
+lambjax vs optax side by side in one process, on float32 trees shaped like
+BERT-base (HF BertModel), ResNet-50 and many small leaves.
+
+    python benchmarks/bench_step.py --quick        # < 3 min on 2 cores
+    python benchmarks/bench_step.py                # everything
+    python benchmarks/bench_step.py --trees bert --opts lamb,lars --rounds 15
+
+Each step is jitted ``update + optax.apply_updates`` with params and state
+donated, timed with ``block_until_ready``. Rounds are interleaved (every
+implementation once per round, in rotating order) so machine noise hits all
+of them alike; we report the median and min-max over rounds, and the median
+of the per-round ratios optax/lambjax (> 1: lambjax is faster). The roof is an
+in-place 4-read-3-write elementwise pass over the same number of float32s,
+timed in the same rounds; ``roof`` = roof time / step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lambjax as lj
+
+# ---------------------------------------------------------------------------
+# Trees
+# ---------------------------------------------------------------------------
+
+
+def bert_base_shapes() -> dict[str, tuple[int, ...]]:
+  """HF ``BertModel`` (bert-base-uncased) parameter shapes: 199 leaves."""
+  h, inter, vocab = 768, 3072, 30522
+  s = {
+    'embeddings.word_embeddings.weight': (vocab, h),
+    'embeddings.position_embeddings.weight': (512, h),
+    'embeddings.token_type_embeddings.weight': (2, h),
+    'embeddings.LayerNorm.weight': (h,),
+    'embeddings.LayerNorm.bias': (h,),
+  }
+  for i in range(12):
+    p = f'encoder.layer.{i}.'
+    for n in ('query', 'key', 'value'):
+      s[p + f'attention.self.{n}.weight'] = (h, h)
+      s[p + f'attention.self.{n}.bias'] = (h,)
+    s[p + 'attention.output.dense.weight'] = (h, h)
+    s[p + 'attention.output.dense.bias'] = (h,)
+    s[p + 'attention.output.LayerNorm.weight'] = (h,)
+    s[p + 'attention.output.LayerNorm.bias'] = (h,)
+    s[p + 'intermediate.dense.weight'] = (inter, h)
+    s[p + 'intermediate.dense.bias'] = (inter,)
+    s[p + 'output.dense.weight'] = (h, inter)
+    s[p + 'output.dense.bias'] = (h,)
+    s[p + 'output.LayerNorm.weight'] = (h,)
+    s[p + 'output.LayerNorm.bias'] = (h,)
+  s['pooler.dense.weight'] = (h, h)
+  s['pooler.dense.bias'] = (h,)
+  return s
+
+
+def resnet50_shapes() -> dict[str, tuple[int, ...]]:
+  """torchvision ResNet-50 parameter shapes (conv + BN scale/bias, fc)."""
+  s = {'conv1.weight': (64, 3, 7, 7), 'bn1.weight': (64,), 'bn1.bias': (64,)}
+  cin = 64
+  for li, (blocks, w) in enumerate(
+    zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True), start=1
+  ):
+    for b in range(blocks):
+      p = f'layer{li}.{b}.'
+      s[p + 'conv1.weight'] = (w, cin, 1, 1)
+      s[p + 'conv2.weight'] = (w, w, 3, 3)
+      s[p + 'conv3.weight'] = (4 * w, w, 1, 1)
+      for k, c in (('bn1', w), ('bn2', w), ('bn3', 4 * w)):
+        s[p + f'{k}.weight'] = (c,)
+        s[p + f'{k}.bias'] = (c,)
+      if b == 0:
+        s[p + 'downsample.0.weight'] = (4 * w, cin, 1, 1)
+        s[p + 'downsample.1.weight'] = (4 * w,)
+        s[p + 'downsample.1.bias'] = (4 * w,)
+      cin = 4 * w
+  s['fc.weight'] = (1000, 2048)
+  s['fc.bias'] = (1000,)
+  return s
+
+
+def many_small_shapes(n: int = 2000, size: int = 1000):
+  return {f'layers.{i}.w': (size,) for i in range(n)}
+
+
+TREES = {
+  'bert': bert_base_shapes,
+  'resnet50': resnet50_shapes,
+  'many_small': many_small_shapes,
+}
+
+
+def make_tree(shapes, seed):
+  rng = np.random.default_rng(seed)
+  return {
+    k: jnp.asarray(rng.standard_normal(v, dtype=np.float32) * 0.02)
+    for k, v in shapes.items()
+  }
+
+
+# ---------------------------------------------------------------------------
+# Optimizers: (lambjax, optax counterpart)
+# ---------------------------------------------------------------------------
+
+
+def _decay_mask(params):
+  return {
+    k: not (k.endswith('bias') or 'LayerNorm' in k or 'bn' in k) for k in params
+  }
+
+
+OPTS = {
+  'lamb': (
+    lambda: lj.lamb(1e-3, weight_decay=0.01),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
+  'lars': (
+    lambda: lj.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
+    lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
+  ),
+  'adamw': (
+    lambda: lj.adamw(1e-3, weight_decay=0.01),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
+  'adam': (lambda: lj.adam(1e-3), lambda: optax.adam(1e-3)),
+  'adamw_dl': (
+    lambda: lj.adamw_dl(1e-3, layerwise_decay=0.8, n_layers=12),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
+  'paddle.Lamb': (
+    lambda: lj.paddle.Lamb(1e-3, 0.01),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
+  'paddle.LarsMomentum': (
+    lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
+    lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
+  ),
+  'paddle.AdamW': (
+    lambda: lj.paddle.AdamW(1e-3, weight_decay=0.01),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
+  'paddle.Adam': (lambda: lj.paddle.Adam(1e-3), lambda: optax.adam(1e-3)),
+  'paddle.AdamWDL': (
+    lambda: lj.paddle.AdamWDL(1e-3, layerwise_decay=0.8),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
+}
+
+
+def make_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def roof_fn(a, b, c, d):
+  """4 reads (a, b, c, d), 3 in-place writes (a, c, d)."""
+  return (
+    jax.tree.map(lambda x, y: x + 1e-3 * y, a, b),
+    jax.tree.map(lambda x, y: 0.9 * x + y, c, b),
+    jax.tree.map(lambda x, y: 0.99 * x + y, d, b),
+  )
+
+
+def block(tree):
+  jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+class Runner:
+  """One implementation: its compiled step and its live (donated) buffers."""
+
+  def __init__(self, name, tx, shapes, grads):
+    self.name = name
+    self.grads = grads
+    params = make_tree(shapes, 0)
+    state = tx.init(params)
+    step = make_step(tx)
+    t0 = time.perf_counter()
+    self.compiled = step.lower(params, state, grads).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.params, self.state = params, state
+    self.times = []
+    self.run()  # warm up
+
+  def run(self):
+    t0 = time.perf_counter()
+    self.params, self.state = self.compiled(self.params, self.state, self.grads)
+    block((self.params, self.state))
+    return time.perf_counter() - t0
+
+
+class Roof:
+  def __init__(self, shapes):
+    self.bufs = [make_tree(shapes, i) for i in range(4)]
+    self.compiled = (
+      jax.jit(roof_fn, donate_argnums=(0, 2, 3)).lower(*self.bufs).compile()
+    )
+    self.times = []
+    self.run()
+
+  def run(self):
+    a, b, c, d = self.bufs
+    t0 = time.perf_counter()
+    a, c, d = self.compiled(a, b, c, d)
+    block((a, c, d))
+    self.bufs = [a, b, c, d]
+    return time.perf_counter() - t0
+
+
+def fmt_ms(xs):
+  return (
+    f'{1e3 * statistics.median(xs):8.1f} '
+    f'[{1e3 * min(xs):.1f}-{1e3 * max(xs):.1f}]'
+  )
+
+
+def bench_tree(tree, opts, rounds, skip_optax_compile_over=None):
+  shapes = TREES[tree]()
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  print(
+    f'\n## {tree}: {len(shapes)} leaves, {n / 1e6:.1f} M params '
+    f'({4 * n / 2**20:.0f} MiB per copy)',
+    flush=True,
+  )
+  grads = make_tree(shapes, 99)
+  roof = Roof(shapes)
+  rows = []
+  for opt in opts:
+    ours_fn, theirs_fn = OPTS[opt]
+    ours = Runner('lambjax', ours_fn(), shapes, grads)
+    theirs = None
+    if (
+      skip_optax_compile_over is None or len(shapes) <= skip_optax_compile_over
+    ):
+      theirs = Runner('optax', theirs_fn(), shapes, grads)
+    impls = [ours, roof] + ([theirs] if theirs else [])
+    for r in range(rounds):
+      order = impls[r % len(impls) :] + impls[: r % len(impls)]
+      for impl in order:
+        impl.times.append(impl.run())
+    roof_t = roof.times[-rounds:]
+    row = {
+      'tree': tree,
+      'opt': opt,
+      'leaves': len(shapes),
+      'params': n,
+      'lambjax_ms': 1e3 * statistics.median(ours.times),
+      'lambjax_compile_s': ours.compile_s,
+      'roof_fraction': statistics.median(
+        [a / b for a, b in zip(roof_t, ours.times, strict=True)]
+      ),
+    }
+    line = (
+      f'{opt:20s} lambjax {fmt_ms(ours.times)} ms  compile '
+      f'{ours.compile_s:6.2f} s  roof {row["roof_fraction"]:.2f}'
+    )
+    if theirs:
+      ratio = statistics.median(
+        [b / a for a, b in zip(ours.times, theirs.times, strict=True)]
+      )
+      row.update(
+        optax_ms=1e3 * statistics.median(theirs.times),
+        optax_compile_s=theirs.compile_s,
+        speedup=ratio,
+      )
+      line += (
+        f' | optax {fmt_ms(theirs.times)} ms  compile '
+        f'{theirs.compile_s:6.2f} s | optax/lambjax {ratio:.2f}x'
+      )
+    print(line, flush=True)
+    rows.append(row)
+    del ours, theirs
+  print(f'{"roof (4r3w pass)":20s} {fmt_ms(roof.times)} ms', flush=True)
+  return rows
+
+
+def peak_rss(opt, impl, tree):
+  """Runs one optimizer in a fresh process; returns (peak, arrays) MiB."""
+  code = f"""
+import resource, sys
+sys.argv = ['x']
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import bench_step as b, jax
+shapes = b.TREES[{tree!r}]()
+grads = b.make_tree(shapes, 99)
+tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
+params = b.make_tree(shapes, 0)
+state = tx.init(params)
+step = b.make_step(tx)
+for _ in range(3):
+  params, state = step(params, state, grads)
+b.block((params, state))
+nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, nbytes / 2**20)
+"""
+  base_code = (
+    'import resource, jax, jax.numpy as jnp; jnp.ones(1)'
+    '.block_until_ready(); print(resource.getrusage('
+    'resource.RUSAGE_SELF).ru_maxrss / 1024)'
+  )
+  base = float(
+    subprocess.run(
+      [sys.executable, '-c', base_code],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.split()
+  return float(out[0]) - base, float(out[1])
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument(
+    '--quick',
+    action='store_true',
+    help='bert + many_small, lamb/lars/adamw/adam, 5 rounds',
+  )
+  ap.add_argument('--trees', default=None)
+  ap.add_argument('--opts', default=None)
+  ap.add_argument('--rounds', type=int, default=None)
+  ap.add_argument('--no-rss', action='store_true')
+  ap.add_argument('--json', default=None, help='write the rows here')
+  a = ap.parse_args(argv)
+  trees = (
+    a.trees or ('bert,many_small' if a.quick else 'bert,resnet50,many_small')
+  ).split(',')
+  opts = (
+    a.opts or ('lamb,lars,adamw,adam' if a.quick else ','.join(OPTS))
+  ).split(',')
+  rounds = a.rounds or (5 if a.quick else 11)
+  print(
+    f'# machine: {platform.machine()}, nproc {os.cpu_count()}, '
+    f'jax {jax.__version__} ({jax.default_backend()}), optax '
+    f'{optax.__version__}, lambjax {lj.__version__}'
+  )
+  print(f'# rounds {rounds}; times are medians [min-max] over rounds')
+  rows = []
+  for tree in trees:
+    # optax's compile on 2,000 leaves takes minutes: quick mode skips it.
+    skip = 500 if (a.quick and tree == 'many_small') else None
+    rows += bench_tree(tree, opts, rounds, skip)
+  if not a.no_rss and 'bert' in trees and 'lamb' in opts:
+    print(
+      '\n## peak RSS, BERT-base lamb step (fresh process, minus a bare '
+      'jax process)'
+    )
+    for impl in ('lambjax', 'optax'):
+      extra, arrays = peak_rss('lamb', impl, 'bert')
+      print(
+        f'{impl:8s} peak RSS +{extra:7.0f} MiB; params+grads+state '
+        f'{arrays:.0f} MiB; ratio {extra / arrays:.2f}',
+        flush=True,
+      )
+      rows.append(
+        {
+          'tree': 'bert',
+          'opt': 'lamb',
+          'impl': impl,
+          'rss_mib': extra,
+          'arrays_mib': arrays,
+        }
+      )
+  if a.json:
+    with open(a.json, 'w') as f:
+      json.dump(rows, f, indent=1)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
