@@ -119,15 +119,11 @@ def test_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match='bad'):
       lj.load_state(p, state)
   flipped = bytearray(data)
-  flipped[len(flipped) // 2] ^= 0xFF
+  flipped[len(flipped) // 2] ^= 0xFF  # In the payload: caught by SHA-256.
   p = tmp_path / 'flipped'
   p.write_bytes(bytes(flipped))
-  try:
-    back = lj.load_state(p, state)
-  except ValueError:
-    pass  # A clean error is fine.
-  else:  # Or the flip hit a value: the structure must still be exact.
-    chex.assert_trees_all_equal_shapes_and_dtypes(back, state)
+  with pytest.raises(ValueError, match='flipped'):
+    lj.load_state(p, state)
 
 
 def test_orbax_round_trip_of_train_state(tmp_path):

@@ -127,9 +127,8 @@ def adam_family(
       if adapt is not None and adapt[i]:
         pn = _norm_from_sumsq(_sumsq(p))
         un = _norm_from_sumsq(_sumsq(u))
-        ratio = pn / un
         zero = jnp.logical_or(pn == 0.0, un == 0.0)
-        ratio = jnp.where(zero, jnp.array(1.0, dtype=p.dtype), ratio)
+        ratio = transform.guarded_ratio(pn, un, zero, p.dtype)
         u = u * _clamp(ratio, min_ratio, max_ratio)
       if lr_ratio_fn is not None:
         rho = transform.lr_ratio_value(lr_ratio_fn, name)
@@ -212,15 +211,17 @@ def lars(
         if form == 'paddle':
           gn = _norm_from_sumsq(_sumsq(g))
           pn = _norm_from_sumsq(_sumsq(p))
-          ratio = trust_coefficient * pn / (gn + wd * pn + eps)
           fallback = jnp.logical_or(pn == 0.0, gn == 0.0)
           if not wd:
             fallback = jnp.ones((), bool)
+          den = gn + wd * pn + eps
         else:
           dn, pn = _lars_dnorm(g, p, wd)
-          ratio = trust_coefficient * pn / (dn + eps)
           fallback = jnp.logical_or(pn == 0.0, dn == 0.0)
-        ratio = jnp.where(fallback, jnp.array(1.0, dtype=p.dtype), ratio)
+          den = dn + eps
+        ratio = transform.guarded_ratio(
+          trust_coefficient * pn, den, fallback, p.dtype
+        )
         d = d * _clamp(ratio, min_ratio, max_ratio)
       if lr_ratio_fn is not None:
         rho = transform.lr_ratio_value(lr_ratio_fn, name)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lambjax._src import alias, base, clipping, names, transform, wrappers
@@ -165,13 +166,12 @@ def _build(
   hyper: dict[str, Any],
   parameters: Sequence[dict] | None,
   learning_rate: Any,
-  post: Callable[[dict], tuple] | None = None,
 ) -> optax.GradientTransformation:
-  """One chain, or one chain per group under ``optax.partition``.
+  """One transformation, or one per group under ``optax.partition``.
 
-  ``make(**hyper)`` builds a group's chain up to the learning rate; the group
-  multiplier and the base learning rate are appended here, then
-  ``post(hyper)`` (e.g. LARS's momentum).
+  ``make(learning_rate, lr_ratio_fn, **hyper)`` builds a group's whole
+  transformation; ``lr_ratio_fn`` is the group's ``learning_rate``
+  multiplier (``None`` for 1), applied after any trust ratio.
   """
 
   def group_tx(overrides: dict) -> optax.GradientTransformation:
@@ -185,13 +185,8 @@ def _build(
     )
     mult = overrides.get('learning_rate', 1.0)
     base.check_number(where, 'learning_rate (group multiplier)', mult, lo=0.0)
-    tail = () if mult == 1.0 else (transform.scale_by_lr_ratio(lambda _: mult),)
-    return optax.chain(
-      make(**merged),
-      *tail,
-      transform.scale_by_learning_rate(learning_rate),
-      *(post(merged) if post else ()),
-    )
+    ratio = None if mult == 1.0 else (lambda _: mult)
+    return make(learning_rate, ratio, **merged)
 
   if parameters is None:
     return group_tx({})
@@ -241,6 +236,16 @@ def _finish(where, tx, needs_params, multi_precision, lazy_mode=False):
   if multi_precision:
     tx = wrappers.with_master_weights(tx)
   return tx
+
+
+def _combine_ratios(*fns):
+  """The product of the given ``name -> ratio`` functions (``None`` = 1)."""
+  fns = [f for f in fns if f is not None]
+  if not fns:
+    return None
+  if len(fns) == 1:
+    return fns[0]
+  return lambda name: float(np.prod([f(name) for f in fns]))
 
 
 def _decay_mask(where: str, fn: Callable[[str], bool] | None, negate: bool):
@@ -294,6 +299,8 @@ def Lamb(
   where = 'paddle.Lamb'
 
   def make(
+    learning_rate,
+    lr_ratio_fn,
     beta1,
     beta2,
     epsilon,
@@ -311,9 +318,16 @@ def Lamb(
       adapt = decay
     return optax.chain(
       *_grad_clip(where, grad_clip),
-      transform.scale_by_adam(b1=beta1, b2=beta2, eps=epsilon),
-      transform.add_decayed_weights(lamb_weight_decay, decay),
-      transform.scale_by_trust_ratio(mask=adapt),
+      alias.lamb(
+        learning_rate,
+        b1=beta1,
+        b2=beta2,
+        eps=epsilon,
+        weight_decay=lamb_weight_decay,
+        mask=decay,
+        trust_ratio_mask=adapt,
+        lr_ratio_fn=lr_ratio_fn,
+      ),
     )
 
   hyper = dict(
@@ -365,6 +379,8 @@ def LarsMomentum(
   where = 'paddle.LarsMomentum'
 
   def make(
+    learning_rate,
+    lr_ratio_fn,
     momentum,
     lars_coeff,
     lars_weight_decay,
@@ -374,7 +390,6 @@ def LarsMomentum(
     epsilon,
     rescale_grad,
   ):
-    base.check_number(where, 'momentum', momentum, lo=0.0)
     base.check_number(where, 'rescale_grad', rescale_grad)
     excluded = list(exclude_from_weight_decay or [])
     if not all(isinstance(s, str) for s in excluded):
@@ -385,18 +400,24 @@ def LarsMomentum(
     mask = (
       names.mask_by_name(lambda n: not any(s in n for s in excluded))
       if excluded
-      else None
+      else True
     )
     rescale = () if rescale_grad == 1.0 else (optax.scale(rescale_grad),)
     return optax.chain(
       *_grad_clip(where, grad_clip),
       *_regularizer(where, regularization),
       *rescale,
-      transform.scale_by_trust_ratio(
+      # Paddle's velocity accumulates lr-scaled steps: lars's trace follows
+      # the learning rate.
+      alias.lars(
+        learning_rate,
+        weight_decay=lars_weight_decay,
+        weight_decay_mask=mask,
         trust_coefficient=lars_coeff,
         eps=epsilon,
-        weight_decay=lars_weight_decay,
-        mask=mask,
+        momentum=momentum,
+        trust_ratio_form='paddle',
+        lr_ratio_fn=lr_ratio_fn,
       ),
     )
 
@@ -410,15 +431,7 @@ def LarsMomentum(
     epsilon=epsilon,
     rescale_grad=rescale_grad,
   )
-  # Paddle's velocity accumulates lr-scaled steps: the trace follows the lr.
-  tx = _build(
-    where,
-    make,
-    hyper,
-    parameters,
-    learning_rate,
-    post=lambda hp: (optax.trace(decay=hp['momentum']),),
-  )
+  tx = _build(where, make, hyper, parameters, learning_rate)
   return _finish(where, tx, True, multi_precision)
 
 
@@ -446,11 +459,28 @@ def Adam(
   """
   where = 'paddle.Adam'
 
-  def make(beta1, beta2, epsilon, weight_decay, grad_clip):
+  def make(
+    learning_rate, lr_ratio_fn, beta1, beta2, epsilon, weight_decay, grad_clip
+  ):
     return optax.chain(
       *_grad_clip(where, grad_clip),
       *_regularizer(where, weight_decay),
-      transform.scale_by_adam(b1=beta1, b2=beta2, eps=epsilon),
+      alias._adam_like(
+        where,
+        learning_rate,
+        beta1,
+        beta2,
+        epsilon,
+        0.0,
+        None,
+        None,
+        False,
+        0.0,
+        None,
+        lr_ratio_fn,
+        True,
+        decoupled=False,
+      ),
     )
 
   hyper = dict(
@@ -501,6 +531,8 @@ def AdamW(
   where = 'paddle.AdamW'
 
   def make(
+    learning_rate,
+    lr_ratio_fn,
     beta1,
     beta2,
     epsilon,
@@ -510,13 +542,25 @@ def AdamW(
     apply_decay_param_fun,
   ):
     base.check_number(where, 'weight_decay', weight_decay, lo=0.0)
+    ratio = _combine_ratios(lr_ratio, lr_ratio_fn)
     return optax.chain(
       *_grad_clip(where, grad_clip),
-      transform.scale_by_adam(b1=beta1, b2=beta2, eps=epsilon),
-      transform.add_decayed_weights(
-        weight_decay, _decay_mask(where, apply_decay_param_fun, False)
+      alias._adam_like(
+        where,
+        learning_rate,
+        beta1,
+        beta2,
+        epsilon,
+        0.0,
+        None,
+        None,
+        False,
+        weight_decay,
+        _decay_mask(where, apply_decay_param_fun, False),
+        ratio,
+        True,
+        decoupled=True,
       ),
-      *alias._lr_ratio(lr_ratio),
     )
 
   hyper = dict(
@@ -608,9 +652,12 @@ def SGD(
   """
   where = 'paddle.SGD'
 
-  def make(weight_decay, grad_clip):
+  def make(learning_rate, lr_ratio_fn, weight_decay, grad_clip):
     return optax.chain(
-      *_grad_clip(where, grad_clip), *_regularizer(where, weight_decay)
+      *_grad_clip(where, grad_clip),
+      *_regularizer(where, weight_decay),
+      *alias._lr_ratio(lr_ratio_fn),
+      transform.scale_by_learning_rate(learning_rate),
     )
 
   hyper = dict(weight_decay=weight_decay, grad_clip=grad_clip)

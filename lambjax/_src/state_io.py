@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lambjax._src import base
 
 _TYPE = '_type'
 _FORMAT = 'lambjax-state'
-_VERSION = 1
+_VERSION = 2
 
 
 def _children(x: Any) -> tuple[list[tuple[str, Any]], Any]:
@@ -149,25 +150,53 @@ def load_state_dict(template_state: Any, state_dict: dict) -> Any:
 
 
 def to_bytes(opt_state: Any) -> bytes:
-  """Serialises a state with msgpack (``flax.serialization``), no pickle."""
+  """Serialises a state with msgpack (``flax.serialization``), no pickle.
+
+  The file is an envelope ``{format, version, sha256, payload}`` whose
+  payload is the msgpack of :func:`state_dict`; the SHA-256 makes any
+  corruption (a flipped bit in a value included) a clean error on load
+  instead of a silently wrong state.
+  """
+  payload = serialization.msgpack_serialize(state_dict(opt_state))
   return serialization.msgpack_serialize(
-    {'format': _FORMAT, 'version': _VERSION, 'state': state_dict(opt_state)}
+    {
+      'format': _FORMAT,
+      'version': _VERSION,
+      'sha256': hashlib.sha256(payload).hexdigest(),
+      'payload': payload,
+    }
   )
 
 
-def from_bytes(template_state: Any, data: bytes) -> Any:
-  """Inverse of :func:`to_bytes`; bad or truncated bytes raise ValueError."""
+def _restore(data: bytes, what: str) -> Any:
   try:
-    payload = serialization.msgpack_restore(data)
+    return serialization.msgpack_restore(data)
   except Exception as e:  # noqa: BLE001 - msgpack raises many types.
-    raise ValueError(f'not a lambjax checkpoint (msgpack: {e!r})') from None
-  if not isinstance(payload, dict) or payload.get('format') != _FORMAT:
+    raise ValueError(f'not a lambjax checkpoint ({what}: {e!r})') from None
+
+
+def from_bytes(template_state: Any, data: bytes) -> Any:
+  """Inverse of :func:`to_bytes`.
+
+  Raises:
+    ValueError: bytes that are truncated, corrupted (checksum), not a lambjax
+      checkpoint, of another version, or that do not fit the template.
+  """
+  if not isinstance(data, bytes | bytearray):
+    raise ValueError(f'from_bytes: expected bytes, got {type(data).__name__}')
+  env = _restore(bytes(data), 'envelope')
+  if not isinstance(env, dict) or env.get('format') != _FORMAT:
     raise ValueError('not a lambjax checkpoint (missing format marker)')
-  if payload.get('version') != _VERSION:
+  if env.get('version') != _VERSION:
     raise ValueError(
-      f'unsupported lambjax checkpoint version {payload.get("version")!r}'
+      f'unsupported lambjax checkpoint version {env.get("version")!r}'
     )
-  return load_state_dict(template_state, payload.get('state'))
+  payload = env.get('payload')
+  if not isinstance(payload, bytes) or not isinstance(env.get('sha256'), str):
+    raise ValueError('not a lambjax checkpoint (no payload)')
+  if hashlib.sha256(payload).hexdigest() != env['sha256']:
+    raise ValueError('corrupted lambjax checkpoint (checksum mismatch)')
+  return load_state_dict(template_state, _restore(payload, 'payload'))
 
 
 def save_state(path: str | os.PathLike, opt_state: Any) -> None:

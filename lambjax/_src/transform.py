@@ -95,12 +95,26 @@ def _trust_ratio(
   max_ratio,
 ) -> jax.Array:
   """optax's trust ratio with its zero-norm fallback, then the clamp."""
-  ratio = trust_coefficient * param_norm / (update_norm + eps)
   zero_norm = jnp.logical_or(param_norm == 0.0, update_norm == 0.0)
-  ratio = jnp.where(zero_norm, jnp.array(1.0, dtype=dtype), ratio)
+  ratio = guarded_ratio(
+    trust_coefficient * param_norm, update_norm + eps, zero_norm, dtype
+  )
   if min_ratio is not None or max_ratio is not None:
     ratio = jnp.clip(ratio, min_ratio, max_ratio)
   return ratio
+
+
+def guarded_ratio(num, den, fallback, dtype) -> jax.Array:
+  """``num / den``, or 1 where ``fallback``, never computing 0/0 or x/0.
+
+  The division is guarded too (not only its result) so that no NaN or Inf
+  appears anywhere, forward or under ``jax.grad``, and a step passes under
+  ``jax_debug_nans``. Where ``fallback`` is False the value is ``num / den``
+  exactly.
+  """
+  one = jnp.array(1.0, dtype=dtype)
+  den = jnp.where(fallback, one.astype(jnp.result_type(den)), den)
+  return jnp.where(fallback, one, num / den)
 
 
 def _safe_norm(x: jax.Array) -> jax.Array:
@@ -203,13 +217,17 @@ def scale_by_trust_ratio(
     wd = weight_decay
     param_norm = _safe_norm(param)
     grad_norm = _safe_norm(grad)
-    ratio = trust_coefficient * param_norm / (grad_norm + wd * param_norm + eps)
     fallback = jnp.logical_or(param_norm == 0.0, grad_norm == 0.0)
     if base.is_static_number(wd) and wd == 0.0:
-      fallback = True
+      fallback = jnp.ones((), bool)
     else:
       fallback = jnp.logical_or(fallback, wd == 0.0)
-    ratio = jnp.where(fallback, jnp.array(1.0, dtype=param.dtype), ratio)
+    ratio = guarded_ratio(
+      trust_coefficient * param_norm,
+      grad_norm + wd * param_norm + eps,
+      fallback,
+      param.dtype,
+    )
     if min_ratio is not None or max_ratio is not None:
       ratio = jnp.clip(ratio, min_ratio, max_ratio)
     return (grad + wd * param) * ratio
