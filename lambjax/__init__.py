@@ -16,6 +16,7 @@ from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
 from lambjax._src.names import mask_by_name as mask_by_name
 from lambjax._src.names import tree_names as tree_names
+from lambjax._src.sharding import state_sharding as state_sharding
 from lambjax._src.state_io import from_bytes as from_bytes
 from lambjax._src.state_io import load_state as load_state
 from lambjax._src.state_io import load_state_dict as load_state_dict

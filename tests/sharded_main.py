@@ -1,0 +1,152 @@
+"""Run by tests/test_sharding.py in a process with 8 host devices.
+
+Every lambjax optimizer on an 8-device mesh, replicated (data parallel),
+FSDP and ZeRO-1, must give the single-device params (1e-5 relative) after
+6 steps, with the state coming out with the shardings asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert 'xla_force_host_platform_device_count=8' in os.environ.get(
+  'XLA_FLAGS', ''
+), 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import lambjax as lj  # noqa: E402
+
+OPTS = {
+  'lamb': lambda: lj.lamb(1e-2, weight_decay=0.01),
+  'lamb_chain': lambda: lj.lamb(1e-2, weight_decay=0.01, fused=False),
+  'lars': lambda: lj.lars(0.5, weight_decay=1e-3, trust_coefficient=0.1),
+  'lars_paddle': lambda: lj.lars(
+    0.5, weight_decay=1e-3, trust_ratio_form='paddle'
+  ),
+  'adam': lambda: lj.adam(1e-2),
+  'adamw': lambda: lj.adamw(1e-2),
+  'adamw_dl': lambda: lj.adamw_dl(1e-2, layerwise_decay=0.8, n_layers=2),
+  'paddle.Lamb': lambda: lj.paddle.Lamb(
+    1e-2, grad_clip=lj.paddle.ClipGradByGlobalNorm(1.0)
+  ),
+  'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.5),
+  'paddle.AdamW': lambda: lj.paddle.AdamW(
+    1e-2,
+    parameters=[
+      {'params': lambda n: 'kernel' in n, 'learning_rate': 0.5},
+      {'params': lambda n: 'kernel' not in n},
+    ],
+  ),
+  'clip_norm+lamb': lambda: optax.chain(lj.clip_by_norm(0.5), lj.lamb(1e-2)),
+}
+
+
+def main():
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  mesh = Mesh(np.array(devices), ('data',))
+  rng = np.random.default_rng(0)
+  params = {
+    'encoder': {
+      'layers': [
+        {'kernel': rng.normal(size=(16, 24)), 'bias': rng.normal(size=(24,))},
+        {'kernel': rng.normal(size=(24, 8)), 'bias': np.zeros(8)},
+      ]
+    },
+    'embeddings': rng.normal(size=(32, 16)),
+    'odd': rng.normal(size=(3, 5)),  # 8 divides no dimension.
+    'scale': np.array(1.5),
+  }
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = [
+    jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params
+    )
+    for _ in range(6)
+  ]
+
+  def fsdp_spec(x):
+    for d, n in enumerate(x.shape):
+      if n % 8 == 0:
+        spec = [None] * x.ndim
+        spec[d] = 'data'
+        return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+  modes = {
+    'replicated': (
+      jax.tree.map(lambda x: NamedSharding(mesh, P()), params),
+      None,
+    ),
+    'fsdp': (jax.tree.map(fsdp_spec, params), None),
+    'zero1': (jax.tree.map(lambda x: NamedSharding(mesh, P()), params), 'data'),
+  }
+  failures = []
+  for name, make in OPTS.items():
+    tx = make()
+    # Single-device reference.
+    p, s = params, tx.init(params)
+    step = jax.jit(
+      lambda p, s, g, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)
+      )
+    )
+    for g in grads:
+      p, s = step(p, s, g)
+    ref = p
+    for mode, (p_shard, zero) in modes.items():
+      s_shard = lj.state_sharding(tx, params, p_shard, zero_axis=zero)
+      g_shard = p_shard
+      sharded_step = jax.jit(
+        lambda p, s, g, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
+          *tx.update(g, s, p)
+        ),
+        in_shardings=(p_shard, s_shard, g_shard),
+        out_shardings=(p_shard, s_shard),
+      )
+      p = jax.device_put(params, p_shard)
+      s = jax.device_put(tx.init(params), s_shard)
+      for g in grads:
+        p, s = sharded_step(p, s, jax.device_put(g, g_shard))
+      err = max(
+        float(
+          np.max(np.abs(np.asarray(a) - np.asarray(b)))
+          / max(float(np.max(np.abs(np.asarray(b)))), 1e-30)
+        )
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True)
+      )
+      if err > 1e-5:
+        failures.append(f'{name}/{mode}: relative error {err:.2e}')
+      # The state has the shardings asked for, and is really sharded where
+      # it should be.
+      wanted = jax.tree.leaves(
+        s_shard, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+      )
+      for x, want in zip(jax.tree.leaves(s), wanted, strict=True):
+        if not x.sharding.is_equivalent_to(want, x.ndim):
+          failures.append(
+            f'{name}/{mode}: state sharding {x.sharding} != {want}'
+          )
+          break
+      big = [x for x in jax.tree.leaves(s) if x.shape == (32, 16)]
+      shard_shapes = {x.addressable_shards[0].data.shape for x in big}
+      if mode in ('fsdp', 'zero1') and big and (32, 16) in shard_shapes:
+        failures.append(f'{name}/{mode}: state not sharded {shard_shapes}')
+      if mode == 'replicated' and big and shard_shapes != {(32, 16)}:
+        failures.append(f'{name}/{mode}: state sharded {shard_shapes}')
+      print(f'{name:22s} {mode:10s} max rel err {err:.1e}', flush=True)
+  if failures:
+    print('\n'.join(failures))
+    sys.exit(1)
+  print('all sharded runs match the single-device run')
+
+
+if __name__ == '__main__':
+  main()
