@@ -17,6 +17,19 @@ TXS = {
   'lars': lambda: lj.lars(0.5, weight_decay=1e-3),
   'adamw': lambda: lj.adamw(1e-2),
   'adamw_dl': lambda: lj.adamw_dl(1e-2, layerwise_decay=0.8, n_layers=2),
+  'paddle.Lamb': lambda: lj.paddle.Lamb(1e-2),
+  'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1),
+  'paddle.AdamW_groups': lambda: lj.paddle.AdamW(
+    1e-2,
+    parameters=[
+      {'params': lambda n: 'encoder' in n, 'learning_rate': 0.5},
+      {'params': lambda n: 'encoder' not in n},
+    ],
+  ),
+  'master_weights': lambda: lj.with_master_weights(lj.lamb(1e-2)),
+  'paddle.Adam_multi_precision': lambda: lj.paddle.Adam(
+    1e-2, multi_precision=True
+  ),
 }
 
 
@@ -62,3 +75,14 @@ def test_equals_optax_apply_if_finite():
 def test_bad_arguments(bad):
   with pytest.raises(ValueError, match='max_consecutive_errors'):
     lj.apply_if_finite(lj.lamb(1e-2), bad)
+
+
+@pytest.mark.parametrize('name', sorted(TXS))
+def test_none_leaves_are_ignored(name):
+  """flax can leave None in param trees: they are empty subtrees."""
+  tx = TXS[name]()
+  params = {'encoder': {'w': jnp.ones((2, 3)), 'b': None}, 'head': jnp.ones(2)}
+  grads = {'encoder': {'w': jnp.ones((2, 3)), 'b': None}, 'head': jnp.ones(2)}
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert u['encoder']['b'] is None
+  chex.assert_tree_all_finite(u)
