@@ -14,14 +14,14 @@ assert 'xla_force_host_platform_device_count=8' in os.environ.get(
   'XLA_FLAGS', ''
 ), 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import lambjax as lj  # noqa: E402
+import lambjax as lj
 
 OPTS = {
   'lamb': lambda: lj.lamb(1e-2, weight_decay=0.01),
@@ -49,6 +49,10 @@ OPTS = {
 
 
 def main():
+  # XLA_FLAGS must be set before jax starts: test_sharding.py does that.
+  assert 'xla_force_host_platform_device_count=8' in os.environ.get(
+    'XLA_FLAGS', ''
+  ), 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
   devices = jax.devices()
   assert len(devices) == 8, devices
   mesh = Mesh(np.array(devices), ('data',))
