@@ -10,10 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-assert 'xla_force_host_platform_device_count=8' in os.environ.get(
-  'XLA_FLAGS', ''
-), 'run with XLA_FLAGS=--xla_force_host_platform_device_count=8'
-
 import jax
 import jax.numpy as jnp
 import numpy as np
