@@ -125,31 +125,18 @@ HPARAMS = st.fixed_dictionaries(
 )
 
 
-def _make(kind, hp):
+def _make(kind, hp, fused=True):
+  common = dict(weight_decay=hp['weight_decay'], fused=fused)
+  adam_hp = dict(b1=hp['b1'], b2=hp['b2'], **common)
   if kind == 'lamb':
-    return lj.lamb(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-    )
+    return lj.lamb(hp['learning_rate'], **adam_hp)
   if kind == 'adamw':
-    return lj.adamw(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-    )
+    return lj.adamw(hp['learning_rate'], **adam_hp)
   if kind == 'adamw_dl':
     return lj.adamw_dl(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-      n_layers=4,
-      layerwise_decay=0.9,
+      hp['learning_rate'], n_layers=4, layerwise_decay=0.9, **adam_hp
     )
-  return lj.lars(hp['learning_rate'], weight_decay=hp['weight_decay'])
+  return lj.lars(hp['learning_rate'], **common)
 
 
 KINDS = st.sampled_from(['lamb', 'adamw', 'adamw_dl', 'lars'])
@@ -220,42 +207,7 @@ def test_fast_path_equals_chain_and_jit_equals_eager(kind, hp, params, seed):
   g = jax.tree.map(
     lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
   )
-  fast = _make(kind, hp)
-  maker = {
-    'lamb': lj.lamb,
-    'adamw': lj.adamw,
-    'adamw_dl': lj.adamw_dl,
-    'lars': lj.lars,
-  }[kind]
-  del maker
-  chain = {
-    'lamb': lambda: lj.lamb(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-      fused=False,
-    ),
-    'adamw': lambda: lj.adamw(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-      fused=False,
-    ),
-    'adamw_dl': lambda: lj.adamw_dl(
-      hp['learning_rate'],
-      b1=hp['b1'],
-      b2=hp['b2'],
-      weight_decay=hp['weight_decay'],
-      n_layers=4,
-      layerwise_decay=0.9,
-      fused=False,
-    ),
-    'lars': lambda: lj.lars(
-      hp['learning_rate'], weight_decay=hp['weight_decay'], fused=False
-    ),
-  }[kind]()
+  fast, chain = _make(kind, hp), _make(kind, hp, fused=False)
   u_fast, s_fast = jax.jit(fast.update)(g, fast.init(params), params)
   u_eager, _ = fast.update(g, fast.init(params), params)
   u_chain, s_chain = chain.update(g, chain.init(params), params)
