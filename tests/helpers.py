@@ -38,6 +38,17 @@ def grads_sequence(params: dict, steps: int, seed: int = 1) -> list[dict]:
   return out
 
 
+def train_step(tx):
+  """``(params, state, grads) -> (params, state)``: update + apply_updates."""
+  import optax
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def to_jax(tree, dtype=jnp.float32):
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 

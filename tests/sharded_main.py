@@ -44,6 +44,14 @@ OPTS = {
 }
 
 
+def train_step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
 def main():
   # XLA_FLAGS must be set before jax starts: test_sharding.py does that.
   assert 'xla_force_host_platform_device_count=8' in os.environ.get(
@@ -93,11 +101,7 @@ def main():
     tx = make()
     # Single-device reference.
     p, s = params, tx.init(params)
-    step = jax.jit(
-      lambda p, s, g, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
-        *tx.update(g, s, p)
-      )
-    )
+    step = jax.jit(train_step(tx))
     for g in grads:
       p, s = step(p, s, g)
     ref = p
@@ -105,9 +109,7 @@ def main():
       s_shard = lj.state_sharding(tx, params, p_shard, zero_axis=zero)
       g_shard = p_shard
       sharded_step = jax.jit(
-        lambda p, s, g, tx=tx: (lambda u, s: (optax.apply_updates(p, u), s))(
-          *tx.update(g, s, p)
-        ),
+        train_step(tx),
         in_shardings=(p_shard, s_shard, g_shard),
         out_shardings=(p_shard, s_shard),
       )

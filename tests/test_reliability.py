@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lambjax as lj
+from tests import helpers as h
 
 P = lj.paddle
 
@@ -286,11 +287,7 @@ def test_resume_is_exact_under_gradient_accumulation(tmp_path):
     )
 
   tx = make()
-  step = jax.jit(
-    lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)
-    )
-  )
+  step = jax.jit(h.train_step(tx))
   p, s = params, tx.init(params)
   for g in grads:
     p, s = step(p, s, g)

@@ -35,11 +35,7 @@ def test_round_trip_and_exact_resume(name, tmp_path):
   tx = OPTIMIZERS[name]()
   params = h.to_jax(h.mixed_tree())
   grads = [h.to_jax(g) for g in h.grads_sequence(params, 8)]
-  step = jax.jit(
-    lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)
-    )
-  )
+  step = jax.jit(h.train_step(tx))
 
   # Uninterrupted run.
   p, s = params, tx.init(params)
