@@ -11,6 +11,9 @@ from lambjax._src.alias import layerwise_lr_decay as layerwise_lr_decay
 from lambjax._src.clipping import clip_by_global_norm as clip_by_global_norm
 from lambjax._src.clipping import clip_by_norm as clip_by_norm
 from lambjax._src.clipping import clip_by_value as clip_by_value
+from lambjax._src.diagnostics import DiagnosticsState as DiagnosticsState
+from lambjax._src.diagnostics import diagnostics as diagnostics
+from lambjax._src.diagnostics import with_diagnostics as with_diagnostics
 from lambjax._src.faults import apply_if_finite as apply_if_finite
 from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
@@ -30,6 +33,7 @@ from lambjax._src.transform import LearningRateState as LearningRateState
 from lambjax._src.transform import (
   ScheduledLearningRateState as ScheduledLearningRateState,
 )
+from lambjax._src.transform import TrustRatioState as TrustRatioState
 from lambjax._src.transform import add_decayed_weights as add_decayed_weights
 from lambjax._src.transform import scale_by_adam as scale_by_adam
 from lambjax._src.transform import (

@@ -10,6 +10,7 @@ import jax
 import optax
 
 from lambjax._src import base, transform
+from lambjax._src import diagnostics as diagnostics_lib
 from lambjax._src import fused as fused_lib
 
 _LAYER_RE = re.compile(r'(?:^|\.)layers[._](\d+)(?=\.|$)')
@@ -117,6 +118,16 @@ def _checked(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _maybe_diagnosed(
+  tx: optax.GradientTransformation, diagnostics: bool
+) -> optax.GradientTransformation:
+  if not isinstance(diagnostics, bool):
+    raise ValueError(
+      f'`diagnostics` must be True or False, got {diagnostics!r}.'
+    )
+  return diagnostics_lib.with_diagnostics(tx) if diagnostics else tx
+
+
 def _lr_ratio(lr_ratio_fn) -> tuple[optax.GradientTransformation, ...]:
   return (
     () if lr_ratio_fn is None else (transform.scale_by_lr_ratio(lr_ratio_fn),)
@@ -200,6 +211,7 @@ def lamb(
   mu_dtype: jax.typing.DTypeLike | None = None,
   nu_dtype: jax.typing.DTypeLike | None = None,
   fused: bool = True,
+  diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LAMB optimizer (layer-wise adaptive Adam with decoupled decay).
 
@@ -243,6 +255,9 @@ def lamb(
     nu_dtype: dtype of the second moment.
     fused: use the fused per-leaf fast path (same numbers and state as the
       chain) where it applies; ``False`` runs the chain itself.
+    diagnostics: record per-leaf trust ratios and gradient / parameter /
+      update norms in the state (:func:`lambjax.diagnostics`); off by default
+      (then nothing is computed or stored).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -277,7 +292,10 @@ def lamb(
     ),
     transform.add_decayed_weights(weight_decay, mask),
     transform.scale_by_trust_ratio(
-      min_ratio=min_ratio, max_ratio=max_ratio, mask=trust_ratio_mask
+      min_ratio=min_ratio,
+      max_ratio=max_ratio,
+      mask=trust_ratio_mask,
+      record=diagnostics,
     ),
     *_lr_ratio(lr_ratio_fn),
     lr_tx,
@@ -300,8 +318,9 @@ def lamb(
       min_ratio=min_ratio,
       max_ratio=max_ratio,
       lr_ratio_fn=lr_ratio_fn,
+      record_index=2 if diagnostics else None,
     )
-  return _checked('lamb', chain, needs_params=True)
+  return _checked('lamb', _maybe_diagnosed(chain, diagnostics), True)
 
 
 def lars(
@@ -319,6 +338,7 @@ def lars(
   max_ratio: float | None = None,
   lr_ratio_fn: Callable[[str], float] | None = None,
   fused: bool = True,
+  diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LARS optimizer (layer-wise adaptive rate scaling with momentum).
 
@@ -354,6 +374,8 @@ def lars(
     max_ratio: optional upper clamp of the trust ratio.
     lr_ratio_fn: optional ``name -> float`` learning-rate multiplier.
     fused: use the fused per-leaf fast path where it applies.
+    diagnostics: record per-leaf trust ratios and gradient / parameter /
+      update norms in the state (:func:`lambjax.diagnostics`); off by default.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -387,8 +409,10 @@ def lars(
         min_ratio=min_ratio,
         max_ratio=max_ratio,
         mask=trust_ratio_mask,
+        record=diagnostics,
       ),
     )
+    record_index = 1
   elif trust_ratio_form == 'paddle':
     if trust_ratio_mask is not True:
       raise ValueError(
@@ -409,8 +433,10 @@ def lars(
         max_ratio=max_ratio,
         mask=weight_decay_mask,
         weight_decay=weight_decay,
+        record=diagnostics,
       ),
     )
+    record_index = 0
   else:
     raise ValueError(
       "lars: `trust_ratio_form` must be 'optax' or 'paddle', got "
@@ -440,8 +466,9 @@ def lars(
       min_ratio=min_ratio,
       max_ratio=max_ratio,
       lr_ratio_fn=lr_ratio_fn,
+      record_index=record_index if diagnostics else None,
     )
-  return _checked(where, chain, needs_params=True)
+  return _checked(where, _maybe_diagnosed(chain, diagnostics), True)
 
 
 def adam(

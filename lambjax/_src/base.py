@@ -185,3 +185,23 @@ def check_same_tree(
     f'{where}: the {what} tree differs from the {ref_what} tree in its node '
     f'types (same leaf names): {got_def} vs {ref_def}.'
   )
+
+
+def leaf_flags(mask: Any, params: Any, default: bool = True) -> list[bool]:
+  """Per-leaf booleans (flatten order) of an optax mask (prefix or callable)."""
+  leaves = jax.tree.leaves(params)
+  if mask is None:
+    return [default] * len(leaves)
+  tree = mask(params) if callable(mask) else mask
+  out: list[bool] = []
+
+  def expand(m, sub):
+    if isinstance(m, jax.core.Tracer):
+      raise ValueError('masks must be static (Python bools), got a tracer.')
+    out.extend([bool(m)] * len(jax.tree.leaves(sub)))
+    return None
+
+  jax.tree.map(expand, tree, params)
+  if len(out) != len(leaves):
+    raise ValueError('mask does not match the params tree.')
+  return out

@@ -27,26 +27,6 @@ import optax
 from lambjax._src import base, transform
 
 
-def leaf_flags(mask: Any, params: Any, default: bool = True) -> list[bool]:
-  """Per-leaf booleans (flatten order) of an optax mask (prefix or callable)."""
-  leaves = jax.tree.leaves(params)
-  if mask is None:
-    return [default] * len(leaves)
-  tree = mask(params) if callable(mask) else mask
-  out: list[bool] = []
-
-  def expand(m, sub):
-    if isinstance(m, jax.core.Tracer):
-      raise ValueError('masks must be static (Python bools), got a tracer.')
-    out.extend([bool(m)] * len(jax.tree.leaves(sub)))
-    return None
-
-  jax.tree.map(expand, tree, params)
-  if len(out) != len(leaves):
-    raise ValueError('mask does not match the params tree.')
-  return out
-
-
 def _norm_from_sumsq(s: jax.Array) -> jax.Array:
   """sqrt(s) with a zero (not NaN) gradient at s == 0."""
   pos = s > 0
@@ -86,12 +66,15 @@ def adam_family(
   min_ratio: float | None,
   max_ratio: float | None,
   lr_ratio_fn: Callable[[str], float] | None,
+  record_index: int | None = None,
 ) -> optax.GradientTransformation:
   """Adam / AdamW / AdamWDL / LAMB in one function per leaf.
 
   ``chain`` must be ``scale_by_adam -> [add_decayed_weights] ->
   [scale_by_trust_ratio] -> [scale_by_lr_ratio] -> scale_by_learning_rate``;
-  its state is used unchanged (stateless links pass through).
+  its state is used unchanged (stateless links pass through). With
+  ``record_index``, the chain's trust-ratio link records its ratios
+  (``TrustRatioState`` at that index of the chain state) and so does this.
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
@@ -111,9 +94,9 @@ def adam_family(
       if params is not None
       else [None] * len(g_leaves)
     )
-    decay = leaf_flags(decay_mask, params) if weight_decay else None
-    adapt = leaf_flags(trust_mask, params) if trust else None
-    out_u, out_m, out_v = [], [], []
+    decay = base.leaf_flags(decay_mask, params) if weight_decay else None
+    adapt = base.leaf_flags(trust_mask, params) if trust else None
+    out_u, out_m, out_v, ratios = [], [], [], []
     for i, ((name, g), mu, nu, p) in enumerate(
       zip(named, mu_leaves, nu_leaves, p_leaves, strict=True)
     ):
@@ -128,8 +111,13 @@ def adam_family(
         pn = _norm_from_sumsq(_sumsq(p))
         un = _norm_from_sumsq(_sumsq(u))
         zero = jnp.logical_or(pn == 0.0, un == 0.0)
-        ratio = transform.guarded_ratio(pn, un, zero, p.dtype)
-        u = u * _clamp(ratio, min_ratio, max_ratio)
+        ratio = _clamp(
+          transform.guarded_ratio(pn, un, zero, p.dtype), min_ratio, max_ratio
+        )
+        u = u * ratio
+        ratios.append(ratio)
+      else:
+        ratios.append(None)
       if lr_ratio_fn is not None:
         rho = transform.lr_ratio_value(lr_ratio_fn, name)
         if rho != 1.0:
@@ -139,7 +127,10 @@ def adam_family(
       out_v.append(v.astype(nu.dtype))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     new_adam = adam._replace(count=count, mu=unflat(out_m), nu=unflat(out_v))
-    return unflat(out_u), (new_adam, *state[1:-1], lr_state)
+    new_state = [new_adam, *state[1:-1], lr_state]
+    if record_index is not None:
+      new_state[record_index] = transform.recorded(unflat, ratios)
+    return unflat(out_u), tuple(new_state)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
@@ -182,6 +173,7 @@ def lars(
   min_ratio: float | None,
   max_ratio: float | None,
   lr_ratio_fn: Callable[[str], float] | None,
+  record_index: int | None = None,
 ) -> optax.GradientTransformation:
   """LARS (optax or Paddle form) in one function per leaf.
 
@@ -199,9 +191,9 @@ def lars(
     named, treedef = base.flatten_with_names(updates)
     p_leaves = treedef.flatten_up_to(params)
     t_leaves = treedef.flatten_up_to(trace_state.trace)
-    decay = leaf_flags(decay_mask, params)
-    adapt = decay if form == 'paddle' else leaf_flags(trust_mask, params)
-    out_u, out_t = [], []
+    decay = base.leaf_flags(decay_mask, params)
+    adapt = decay if form == 'paddle' else base.leaf_flags(trust_mask, params)
+    out_u, out_t, ratios = [], [], []
     for i, ((name, g), p, t) in enumerate(
       zip(named, p_leaves, t_leaves, strict=True)
     ):
@@ -219,10 +211,17 @@ def lars(
           dn, pn = _lars_dnorm(g, p, wd)
           fallback = jnp.logical_or(pn == 0.0, dn == 0.0)
           den = dn + eps
-        ratio = transform.guarded_ratio(
-          trust_coefficient * pn, den, fallback, p.dtype
+        ratio = _clamp(
+          transform.guarded_ratio(
+            trust_coefficient * pn, den, fallback, p.dtype
+          ),
+          min_ratio,
+          max_ratio,
         )
-        d = d * _clamp(ratio, min_ratio, max_ratio)
+        d = d * ratio
+        ratios.append(ratio)
+      else:
+        ratios.append(None)
       if lr_ratio_fn is not None:
         rho = transform.lr_ratio_value(lr_ratio_fn, name)
         if rho != 1.0:
@@ -233,7 +232,10 @@ def lars(
       out_u.append(u + momentum * new_t if nesterov else new_t)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     new_trace = trace_state._replace(trace=unflat(out_t))
-    return unflat(out_u), (*state[:-2], lr_state, new_trace)
+    new_state = [*state[:-2], lr_state, new_trace]
+    if record_index is not None:
+      new_state[record_index] = transform.recorded(unflat, ratios)
+    return unflat(out_u), tuple(new_state)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -121,6 +122,33 @@ def _safe_norm(x: jax.Array) -> jax.Array:
   return optax.safe_norm(x, 0.0)
 
 
+class TrustRatioState(NamedTuple):
+  """Trust ratios of the last update, one float32 scalar per leaf.
+
+  Held by ``scale_by_trust_ratio(record=True)`` (and so by ``lamb``/``lars``
+  with ``diagnostics=True``); 1.0 on leaves without layer adaptation and
+  before the first update. Read it with :func:`lambjax.diagnostics`.
+  """
+
+  ratio: base.PyTree
+
+
+def recorded(unflatten, ratios) -> TrustRatioState:
+  """A ``TrustRatioState`` from per-leaf ratios (``None``: not adapted)."""
+  one = jnp.ones((), jnp.float32)
+  return TrustRatioState(
+    ratio=unflatten(
+      [one if r is None else r.astype(jnp.float32) for r in ratios]
+    )
+  )
+
+
+def init_trust_ratios(params: base.PyTree) -> TrustRatioState:
+  return TrustRatioState(
+    ratio=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
+  )
+
+
 def scale_by_trust_ratio(
   min_norm: jax.typing.ArrayLike = 0.0,
   trust_coefficient: jax.typing.ArrayLike = 1.0,
@@ -130,6 +158,7 @@ def scale_by_trust_ratio(
   max_ratio: float | None = None,
   mask: base.MaskOrFn | None = None,
   weight_decay: float | None = None,
+  record: bool = False,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf's update by its trust ratio (layer adaptation).
 
@@ -162,9 +191,13 @@ def scale_by_trust_ratio(
       selecting the adapted leaves (``None``: all). Static, as in
       ``optax.masked``.
     weight_decay: ``None`` (optax form) or Paddle's LARS weight decay.
+    record: keep the last ratios in the state (:class:`TrustRatioState`,
+      1.0 on unadapted leaves) for logging with :func:`lambjax.diagnostics`.
+      ``False`` (default) keeps the transformation stateless.
 
   Returns:
-    A stateless ``optax.GradientTransformation`` (it needs ``params``).
+    An ``optax.GradientTransformation`` (it needs ``params``); stateless
+    unless ``record``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -211,7 +244,7 @@ def scale_by_trust_ratio(
       min_ratio,
       max_ratio,
     )
-    return update * ratio
+    return update * ratio, ratio
 
   def scale_paddle(grad, param):
     wd = weight_decay
@@ -230,7 +263,7 @@ def scale_by_trust_ratio(
     )
     if min_ratio is not None or max_ratio is not None:
       ratio = jnp.clip(ratio, min_ratio, max_ratio)
-    return (grad + wd * param) * ratio
+    return (grad + wd * param) * ratio, ratio
 
   scale = scale_optax if weight_decay is None else scale_paddle
 
@@ -238,17 +271,37 @@ def scale_by_trust_ratio(
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     updates = jax.tree.map(
-      lambda u, p: None if u is None else scale(u, p),
+      lambda u, p: None if u is None else scale(u, p)[0],
       updates,
       params,
       is_leaf=lambda x: x is None,
     )
     return updates, state
 
-  tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
-  if mask is not None:
-    return optax.masked(tx, mask)
-  return tx
+  if not record:
+    tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
+    if mask is not None:
+      return optax.masked(tx, mask)
+    return tx
+
+  def recording_update(updates, state, params=None):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    named, treedef = base.flatten_with_names(updates)
+    adapt = base.leaf_flags(mask, params)
+    out, ratios = [], []
+    for (_, u), p, on in zip(
+      named, treedef.flatten_up_to(params), adapt, strict=True
+    ):
+      ratio = None
+      if on and u is not None:
+        u, ratio = scale(u, p)
+      out.append(u)
+      ratios.append(ratio)
+    unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    return unflat(out), recorded(unflat, ratios)
+
+  return optax.GradientTransformation(init_trust_ratios, recording_update)
 
 
 def add_decayed_weights(
