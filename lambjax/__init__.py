@@ -2,6 +2,10 @@
 
 from lambjax import paddle as paddle
 from lambjax import schedules as schedules
+from lambjax._src.accumulation import AccumulationState as AccumulationState
+from lambjax._src.accumulation import (
+  accumulate_gradients as accumulate_gradients,
+)
 from lambjax._src.alias import adam as adam
 from lambjax._src.alias import adamw as adamw
 from lambjax._src.alias import adamw_dl as adamw_dl
@@ -19,7 +23,14 @@ from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
 from lambjax._src.names import mask_by_name as mask_by_name
 from lambjax._src.names import tree_names as tree_names
+from lambjax._src.quantized import QuantizedAdamState as QuantizedAdamState
+from lambjax._src.quantized import QuantizedTensor as QuantizedTensor
+from lambjax._src.quantized import QuantizedTraceState as QuantizedTraceState
+from lambjax._src.quantized import scale_by_adam_8bit as scale_by_adam_8bit
+from lambjax._src.quantized import state_bytes as state_bytes
+from lambjax._src.quantized import trace_8bit as trace_8bit
 from lambjax._src.sharding import state_sharding as state_sharding
+from lambjax._src.stacking import Stacked as Stacked
 from lambjax._src.state_io import from_bytes as from_bytes
 from lambjax._src.state_io import load_state as load_state
 from lambjax._src.state_io import load_state_dict as load_state_dict

@@ -49,6 +49,17 @@ def train_step(tx):
   return step
 
 
+def run_steps(tx, params, grads_list):
+  """Jitted update + apply over ``grads_list``: (params trajectory, state)."""
+  step = jax.jit(train_step(tx))
+  state = tx.init(params)
+  traj = []
+  for g in grads_list:
+    params, state = step(params, state, g)
+    traj.append(params)
+  return traj, state
+
+
 def to_jax(tree, dtype=jnp.float32):
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,40 @@ def test_eight_device_mesh_matches_single_device():
   print(out.stdout[-4000:])
   assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
   assert 'all sharded runs match' in out.stdout
+
+
+def test_sharded_equals_single_device_property(capsys):
+  """The hypothesis property of tests/sharded_property.py, 200 examples."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (
+    env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ).strip()
+  root = Path(__file__).resolve().parent.parent
+  out = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-p',
+      'no:cacheprovider',
+      '--hypothesis-show-statistics',
+      '-o',
+      'addopts=',
+      str(Path(__file__).with_name('sharded_property.py')),
+    ],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  stats = out.stdout[out.stdout.find('Hypothesis Statistics') :]
+  with capsys.disabled():  # Show the example count in the test output.
+    print('\n[8-device property] ' + stats.strip()[:1500])
+  assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+  passing = re.search(r'(\d+) passing', out.stdout)
+  assert passing and int(passing.group(1)) >= 200, out.stdout[-2000:]
 
 
 def test_state_sharding_structure_and_abstract_params():

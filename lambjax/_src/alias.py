@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from lambjax._src import base, transform
+from lambjax._src import base, quantized, stacking, transform
 from lambjax._src import diagnostics as diagnostics_lib
 from lambjax._src import fused as fused_lib
 
@@ -56,6 +56,11 @@ def layerwise_lr_decay(decay_rate: float, n_layers: int, name: str) -> float:
     PaddleNLP ``paddlenlp/ops/optimizer/adamwdl.py``.
   """
   _check_layerwise('layerwise_lr_decay', decay_rate, n_layers)
+  if not isinstance(name, str):
+    raise TypeError(
+      f'layerwise_lr_decay: `name` must be a parameter name (str), got '
+      f'{name!r}.'
+    )
   match = _LAYER_RE.search(name)
   if match is not None:
     m = int(match.group(1))
@@ -128,10 +133,46 @@ def _maybe_diagnosed(
   return diagnostics_lib.with_diagnostics(tx) if diagnostics else tx
 
 
-def _lr_ratio(lr_ratio_fn) -> tuple[optax.GradientTransformation, ...]:
-  return (
-    () if lr_ratio_fn is None else (transform.scale_by_lr_ratio(lr_ratio_fn),)
+def _adam_block(
+  where, state_8bit, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov=False
+):
+  """Adam's moments: float (optax's) or 8-bit blockwise (``state_8bit``)."""
+  _check_8bit(where, state_8bit)
+  if not state_8bit:
+    return transform.scale_by_adam(
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype,
+      nesterov=nesterov,
+    )
+  _check_8bit(
+    where, state_8bit, mu_dtype=mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov
   )
+  return quantized.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+
+
+def _check_8bit(where, state_8bit, **unsupported) -> None:
+  # A bool, not a number: optax.inject_hyperparams leaves bools static.
+  if not isinstance(state_8bit, bool):
+    raise ValueError(
+      f'{where}: `state_8bit` must be True or False, got {state_8bit!r}.'
+    )
+  for arg, v in unsupported.items():
+    if state_8bit and v not in (None, False):
+      raise ValueError(
+        f'{where}: `{arg}={v!r}` cannot be combined with state_8bit=True.'
+      )
+
+
+def _lr_ratio(
+  lr_ratio_fn, stacked=None
+) -> tuple[optax.GradientTransformation, ...]:
+  if lr_ratio_fn is None:
+    return ()
+  return (transform.scale_by_lr_ratio(lr_ratio_fn, stacked),)
 
 
 def _adam_like(
@@ -149,29 +190,28 @@ def _adam_like(
   lr_ratio_fn,
   fused,
   decoupled,
+  stacked=None,
+  state_8bit=False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam (``decoupled=False``) or AdamW-style chains, fused where possible."""
+  base.check_mask(where, 'mask', mask)
+  stacked = stacking.check(where, stacked)
   lr_tx = transform.scale_by_learning_rate(learning_rate)
   decay = (
     (transform.add_decayed_weights(weight_decay, mask),) if decoupled else ()
   )
   chain = optax.chain(
-    transform.scale_by_adam(
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      eps_root=eps_root,
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-      nesterov=nesterov,
+    _adam_block(
+      where, state_8bit, b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov
     ),
     *decay,
-    *_lr_ratio(lr_ratio_fn),
+    *_lr_ratio(lr_ratio_fn, stacked),
     lr_tx,
   )
   if (
     fused
     and not nesterov
+    and not state_8bit
     and fused_lib.applies(
       (b1, b2, eps, eps_root, weight_decay if decoupled else 0.0)
     )
@@ -191,6 +231,7 @@ def _adam_like(
       min_ratio=None,
       max_ratio=None,
       lr_ratio_fn=lr_ratio_fn,
+      stacked=stacked,
     )
   return _checked(where, chain, needs_params=decoupled)
 
@@ -212,6 +253,8 @@ def lamb(
   nu_dtype: jax.typing.DTypeLike | None = None,
   fused: bool = True,
   diagnostics: bool = False,
+  stacked: stacking.Stacked | str | None = None,
+  state_8bit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LAMB optimizer (layer-wise adaptive Adam with decoupled decay).
 
@@ -258,6 +301,12 @@ def lamb(
     diagnostics: record per-leaf trust ratios and gradient / parameter /
       update norms in the state (:func:`lambjax.diagnostics`); off by default
       (then nothing is computed or stored).
+    stacked: optional :class:`lambjax.Stacked` declaring leaves that hold
+      stacked (scanned) layers: each layer slice gets its own trust ratio
+      and ``lr_ratio_fn`` value, as if the layers were separate leaves.
+    state_8bit: store Adam's moments 8-bit blockwise
+      (:func:`lambjax.scale_by_adam_8bit`, about 0.25x the state memory);
+      trust ratio and update stay float32. Runs the chain, not the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -280,28 +329,29 @@ def lamb(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, 2020.
   """
+  base.check_mask('lamb', 'mask', mask)
+  base.check_mask('lamb', 'trust_ratio_mask', trust_ratio_mask)
+  stacked = stacking.check('lamb', stacked)
   lr_tx = transform.scale_by_learning_rate(learning_rate)
   chain = optax.chain(
-    transform.scale_by_adam(
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      eps_root=eps_root,
-      mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype,
-    ),
+    _adam_block('lamb', state_8bit, b1, b2, eps, eps_root, mu_dtype, nu_dtype),
     transform.add_decayed_weights(weight_decay, mask),
     transform.scale_by_trust_ratio(
       min_ratio=min_ratio,
       max_ratio=max_ratio,
       mask=trust_ratio_mask,
       record=diagnostics,
+      stacked=stacked,
     ),
-    *_lr_ratio(lr_ratio_fn),
+    *_lr_ratio(lr_ratio_fn, stacked),
     lr_tx,
   )
-  if fused and fused_lib.applies(
-    (b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
+  if (
+    fused
+    and not state_8bit
+    and fused_lib.applies(
+      (b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
+    )
   ):
     chain = fused_lib.adam_family(
       chain,
@@ -319,6 +369,7 @@ def lamb(
       max_ratio=max_ratio,
       lr_ratio_fn=lr_ratio_fn,
       record_index=2 if diagnostics else None,
+      stacked=stacked,
     )
   return _checked('lamb', _maybe_diagnosed(chain, diagnostics), True)
 
@@ -339,6 +390,8 @@ def lars(
   lr_ratio_fn: Callable[[str], float] | None = None,
   fused: bool = True,
   diagnostics: bool = False,
+  stacked: stacking.Stacked | str | None = None,
+  state_8bit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LARS optimizer (layer-wise adaptive rate scaling with momentum).
 
@@ -376,6 +429,10 @@ def lars(
     fused: use the fused per-leaf fast path where it applies.
     diagnostics: record per-leaf trust ratios and gradient / parameter /
       update norms in the state (:func:`lambjax.diagnostics`); off by default.
+    stacked: optional :class:`lambjax.Stacked`: per-layer-slice trust ratios
+      and ``lr_ratio_fn`` values for leaves holding stacked layers.
+    state_8bit: store the momentum 8-bit blockwise
+      (:func:`lambjax.trace_8bit`; not with ``nesterov``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -400,6 +457,10 @@ def lars(
   """
   where = 'lars'
   base.check_number(where, 'momentum', momentum, lo=0.0)
+  base.check_mask(where, 'weight_decay_mask', weight_decay_mask)
+  base.check_mask(where, 'trust_ratio_mask', trust_ratio_mask)
+  stacked = stacking.check(where, stacked)
+  _check_8bit(where, state_8bit, nesterov=nesterov)
   if trust_ratio_form == 'optax':
     adapt = (
       transform.add_decayed_weights(weight_decay, mask=weight_decay_mask),
@@ -410,6 +471,7 @@ def lars(
         max_ratio=max_ratio,
         mask=trust_ratio_mask,
         record=diagnostics,
+        stacked=stacked,
       ),
     )
     record_index = 1
@@ -434,6 +496,7 @@ def lars(
         mask=weight_decay_mask,
         weight_decay=weight_decay,
         record=diagnostics,
+        stacked=stacked,
       ),
     )
     record_index = 0
@@ -445,12 +508,18 @@ def lars(
   lr_tx = transform.scale_by_learning_rate(learning_rate)
   chain = optax.chain(
     *adapt,
-    *_lr_ratio(lr_ratio_fn),
+    *_lr_ratio(lr_ratio_fn, stacked),
     lr_tx,
-    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.trace(decay=momentum, nesterov=nesterov)
+    if not state_8bit
+    else quantized.trace_8bit(momentum),
   )
-  if fused and fused_lib.applies(
-    (weight_decay, trust_coefficient, eps, momentum, min_ratio, max_ratio)
+  if (
+    fused
+    and not state_8bit
+    and fused_lib.applies(
+      (weight_decay, trust_coefficient, eps, momentum, min_ratio, max_ratio)
+    )
   ):
     chain = fused_lib.lars(
       chain,
@@ -467,6 +536,7 @@ def lars(
       max_ratio=max_ratio,
       lr_ratio_fn=lr_ratio_fn,
       record_index=record_index if diagnostics else None,
+      stacked=stacked,
     )
   return _checked(where, _maybe_diagnosed(chain, diagnostics), True)
 
@@ -482,6 +552,7 @@ def adam(
   nesterov: bool = False,
   nu_dtype: jax.typing.DTypeLike | None = None,
   fused: bool = True,
+  state_8bit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer: :math:`p \leftarrow p - \eta_t\,\hat m /
   (\sqrt{\hat v + \epsilon_{root}} + \epsilon)`.
@@ -500,6 +571,8 @@ def adam(
     nesterov: use Nesterov momentum (NAdam).
     nu_dtype: dtype of the second moment.
     fused: use the fused per-leaf fast path where it applies.
+    state_8bit: store the moments 8-bit blockwise
+      (:func:`lambjax.scale_by_adam_8bit`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -537,6 +610,7 @@ def adam(
     None,
     fused,
     decoupled=False,
+    state_8bit=state_8bit,
   )
 
 
@@ -554,6 +628,7 @@ def adamw(
   nu_dtype: jax.typing.DTypeLike | None = None,
   lr_ratio_fn: Callable[[str], float] | None = None,
   fused: bool = True,
+  state_8bit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with weight decay decoupled from the gradient.
 
@@ -581,6 +656,8 @@ def adamw(
     lr_ratio_fn: optional ``name -> float`` learning-rate multiplier of both
       the Adam step and the decay.
     fused: use the fused per-leaf fast path where it applies.
+    state_8bit: store the moments 8-bit blockwise
+      (:func:`lambjax.scale_by_adam_8bit`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -618,6 +695,7 @@ def adamw(
     lr_ratio_fn,
     fused,
     decoupled=True,
+    state_8bit=state_8bit,
   )
 
 
@@ -633,6 +711,8 @@ def adamw_dl(
   lr_ratio_fn: Callable[[str], float] | None = None,
   *,
   fused: bool = True,
+  stacked: stacking.Stacked | str | None = None,
+  state_8bit: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with layer-wise learning-rate decay (PaddleNLP's AdamWDL).
 
@@ -663,6 +743,12 @@ def adamw_dl(
     n_layers: number of layers, ``>= 1``.
     lr_ratio_fn: ``name -> float``; overrides the default rule.
     fused: use the fused per-leaf fast path where it applies.
+    stacked: optional :class:`lambjax.Stacked`: each layer slice of a
+      stacked (scanned) leaf gets the ratio of its own layer name, e.g.
+      ``lj.Stacked('layers')`` turns ``layers.mlp.kernel`` slice ``m`` into
+      ``layers.m.mlp.kernel``.
+    state_8bit: store the moments 8-bit blockwise
+      (:func:`lambjax.scale_by_adam_8bit`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -706,4 +792,6 @@ def adamw_dl(
     lr_ratio_fn,
     fused,
     decoupled=True,
+    stacked=stacked,
+    state_8bit=state_8bit,
   )

@@ -205,3 +205,39 @@ def leaf_flags(mask: Any, params: Any, default: bool = True) -> list[bool]:
   if len(out) != len(leaves):
     raise ValueError('mask does not match the params tree.')
   return out
+
+
+def check_tx(where: str, tx: Any) -> None:
+  """Raises ``ValueError`` unless ``tx`` is a gradient transformation."""
+  if not (
+    callable(getattr(tx, 'init', None))
+    and callable(getattr(tx, 'update', None))
+  ):
+    raise ValueError(
+      f'{where}: `tx` must be an optax GradientTransformation, got {tx!r}.'
+    )
+
+
+def check_mask(where: str, arg: str, mask: Any) -> None:
+  """A mask is None, a bool, a callable, or a pytree whose leaves are bools.
+
+  Checked at construction so that a typo (``mask=3``, ``mask='kernel'``)
+  fails clearly instead of deep inside ``optax.masked``. Traced leaves (under
+  ``inject_hyperparams``) are left alone.
+  """
+  if mask is None or isinstance(mask, bool) or callable(mask):
+    return
+  if isinstance(mask, str):
+    raise ValueError(
+      f'{where}: `{arg}` must be a pytree of bools or a callable; for names '
+      f'use lj.mask_by_name({mask!r}).'
+    )
+  leaves = jax.tree.leaves(mask)
+  if isinstance(mask, (int, float)) or not all(
+    isinstance(x, (bool, np.bool_)) or isinstance(x, jax.core.Tracer)
+    for x in leaves
+  ):
+    raise ValueError(
+      f'{where}: `{arg}` must be None, a bool, a callable on params, or a '
+      f'pytree of bools, got {mask!r}.'
+    )

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lambjax._src import base
+from lambjax._src import base, stacking
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -39,7 +39,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.clip_by_global_norm(max_norm)
 
 
-def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_norm(
+  max_norm: float, *, stacked: stacking.Stacked | str | None = None
+) -> optax.GradientTransformation:
   r"""Clips each leaf separately to L2 norm at most ``max_norm``.
 
   :math:`g \leftarrow g \cdot c / \|g\|` where :math:`\|g\| > c`, else
@@ -48,6 +50,8 @@ def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
 
   Args:
     max_norm: the largest per-leaf norm allowed, ``>= 0``.
+    stacked: optional :class:`lambjax.Stacked`: stacked leaves are clipped
+      layer slice by layer slice.
 
   Returns:
     A stateless ``optax.GradientTransformation``.
@@ -62,9 +66,11 @@ def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
     (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
   """
   base.check_number('clip_by_norm', 'max_norm', max_norm, lo=0.0)
+  stacked = stacking.check('clip_by_norm', stacked)
 
-  def clip_leaf(g):
-    norm = optax.safe_norm(g, 0.0)
+  def clip_leaf(g, axis=None):
+    axes = stacking.reduce_axes(g.ndim, axis)
+    norm = optax.safe_norm(g, 0.0, axis=axes, keepdims=axis is not None)
     clipped = g * (max_norm / jnp.where(norm > max_norm, norm, 1.0)).astype(
       g.dtype
     )
@@ -72,7 +78,16 @@ def clip_by_norm(max_norm: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(clip_leaf, updates), state
+    if stacked is None:
+      return jax.tree.map(clip_leaf, updates), state
+    named, treedef = base.flatten_with_names(updates)
+    out = [
+      None
+      if g is None
+      else clip_leaf(g, stacking.leaf_axis(stacked, name, g.shape))
+      for name, g in named
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

@@ -68,10 +68,7 @@ def with_diagnostics(
     >>> float(d['global_grad_norm']), float(d['param_norm/w'])
     (2.0, 5.0)
   """
-  if not hasattr(tx, 'init') or not hasattr(tx, 'update'):
-    raise ValueError(
-      f'with_diagnostics: `tx` must be a GradientTransformation, got {tx!r}.'
-    )
+  base.check_tx('with_diagnostics', tx)
   tx = optax.with_extra_args_support(tx)
 
   def init_fn(params):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from lambjax._src import base
+
 
 def apply_if_finite(
   tx: optax.GradientTransformation, max_consecutive_errors: int
@@ -34,10 +36,7 @@ def apply_if_finite(
     >>> u['w'], int(state.total_notfinite)
     (Array([0., 0.], dtype=float32), 1)
   """
-  if not hasattr(tx, 'init') or not hasattr(tx, 'update'):
-    raise ValueError(
-      f'apply_if_finite: `tx` must be a GradientTransformation, got {tx!r}.'
-    )
+  base.check_tx('apply_if_finite', tx)
   if (
     isinstance(max_consecutive_errors, bool)
     or not isinstance(max_consecutive_errors, int)

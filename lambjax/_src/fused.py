@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lambjax._src import base, transform
+from lambjax._src import base, stacking, transform
 
 
 def _norm_from_sumsq(s: jax.Array) -> jax.Array:
@@ -35,6 +35,18 @@ def _norm_from_sumsq(s: jax.Array) -> jax.Array:
 
 def _sumsq(x: jax.Array) -> jax.Array:
   return jnp.sum(x * x)
+
+
+def _times_lr_ratio(u, lr_ratio_fn, stacked, name):
+  """``u`` times the leaf's (or each slice's) learning-rate multiplier."""
+  if lr_ratio_fn is None:
+    return u
+  rho = stacking.lr_ratios(
+    stacked, lr_ratio_fn, transform.lr_ratio_value, name, u.shape
+  )
+  if isinstance(rho, float) and rho == 1.0:
+    return u
+  return u * jnp.asarray(rho, u.dtype)
 
 
 def _clamp(ratio, lo, hi):
@@ -67,6 +79,7 @@ def adam_family(
   max_ratio: float | None,
   lr_ratio_fn: Callable[[str], float] | None,
   record_index: int | None = None,
+  stacked: stacking.Stacked | None = None,
 ) -> optax.GradientTransformation:
   """Adam / AdamW / AdamWDL / LAMB in one function per leaf.
 
@@ -107,9 +120,10 @@ def adam_family(
       u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
       if decay is not None and decay[i]:
         u = u + weight_decay * p
+      axis = stacking.leaf_axis(stacked, name, g.shape)
       if adapt is not None and adapt[i]:
-        pn = _norm_from_sumsq(_sumsq(p))
-        un = _norm_from_sumsq(_sumsq(u))
+        pn = _norm_from_sumsq(stacking.sumsq(p, axis))
+        un = _norm_from_sumsq(stacking.sumsq(u, axis))
         zero = jnp.logical_or(pn == 0.0, un == 0.0)
         ratio = _clamp(
           transform.guarded_ratio(pn, un, zero, p.dtype), min_ratio, max_ratio
@@ -118,10 +132,7 @@ def adam_family(
         ratios.append(ratio)
       else:
         ratios.append(None)
-      if lr_ratio_fn is not None:
-        rho = transform.lr_ratio_value(lr_ratio_fn, name)
-        if rho != 1.0:
-          u = u * jnp.asarray(rho, u.dtype)
+      u = _times_lr_ratio(u, lr_ratio_fn, stacked, name)
       out_u.append(jnp.asarray(step, u.dtype) * u)
       out_m.append(m if mu_dtype is None else m.astype(mu_dtype))
       out_v.append(v.astype(nu.dtype))
@@ -129,7 +140,9 @@ def adam_family(
     new_adam = adam._replace(count=count, mu=unflat(out_m), nu=unflat(out_v))
     new_state = [new_adam, *state[1:-1], lr_state]
     if record_index is not None:
-      new_state[record_index] = transform.recorded(unflat, ratios)
+      new_state[record_index] = transform.recorded(
+        unflat, ratios, transform.init_trust_ratios(params, stacked)
+      )
     return unflat(out_u), tuple(new_state)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
@@ -174,6 +187,7 @@ def lars(
   max_ratio: float | None,
   lr_ratio_fn: Callable[[str], float] | None,
   record_index: int | None = None,
+  stacked: stacking.Stacked | None = None,
 ) -> optax.GradientTransformation:
   """LARS (optax or Paddle form) in one function per leaf.
 
@@ -200,13 +214,19 @@ def lars(
       wd = weight_decay if decay[i] else 0.0
       d = g + wd * p if wd else g
       if adapt[i]:
+        axis = stacking.leaf_axis(stacked, name, g.shape)
         if form == 'paddle':
-          gn = _norm_from_sumsq(_sumsq(g))
-          pn = _norm_from_sumsq(_sumsq(p))
+          gn = _norm_from_sumsq(stacking.sumsq(g, axis))
+          pn = _norm_from_sumsq(stacking.sumsq(p, axis))
           fallback = jnp.logical_or(pn == 0.0, gn == 0.0)
           if not wd:
-            fallback = jnp.ones((), bool)
+            fallback = jnp.ones_like(fallback)
           den = gn + wd * pn + eps
+        elif axis is not None:  # Per slice: the direct norms.
+          dn = _norm_from_sumsq(stacking.sumsq(d, axis))
+          pn = _norm_from_sumsq(stacking.sumsq(p, axis))
+          fallback = jnp.logical_or(pn == 0.0, dn == 0.0)
+          den = dn + eps
         else:
           dn, pn = _lars_dnorm(g, p, wd)
           fallback = jnp.logical_or(pn == 0.0, dn == 0.0)
@@ -222,10 +242,7 @@ def lars(
         ratios.append(ratio)
       else:
         ratios.append(None)
-      if lr_ratio_fn is not None:
-        rho = transform.lr_ratio_value(lr_ratio_fn, name)
-        if rho != 1.0:
-          d = d * jnp.asarray(rho, d.dtype)
+      d = _times_lr_ratio(d, lr_ratio_fn, stacked, name)
       u = jnp.asarray(step, d.dtype) * d
       new_t = u + momentum * t
       out_t.append(new_t)
@@ -234,7 +251,9 @@ def lars(
     new_trace = trace_state._replace(trace=unflat(out_t))
     new_state = [*state[:-2], lr_state, new_trace]
     if record_index is not None:
-      new_state[record_index] = transform.recorded(unflat, ratios)
+      new_state[record_index] = transform.recorded(
+        unflat, ratios, transform.init_trust_ratios(params, stacked)
+      )
     return unflat(out_u), tuple(new_state)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)

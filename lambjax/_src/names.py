@@ -31,7 +31,13 @@ def tree_names(tree: base.PyTree) -> base.PyTree:
     >>> lj.tree_names({'encoder': {'layers': [{'weight': jnp.ones(2)}]}})
     {'encoder': {'layers': [{'weight': 'encoder.layers.0.weight'}]}}
   """
-  named, treedef = base.flatten_with_names(tree)
+  try:
+    named, treedef = base.flatten_with_names(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f'tree_names: `tree` is not a pytree jax can flatten ({e}); dict keys '
+      'must be mutually sortable (e.g. all str).'
+    ) from None
   return jax.tree_util.tree_unflatten(treedef, [n for n, _ in named])
 
 
@@ -66,7 +72,13 @@ def mask_by_name(
     {'dense': {'bias': False, 'kernel': True}}
   """
   if isinstance(predicate, str):
-    pattern = re.compile(predicate)
+    try:
+      pattern = re.compile(predicate)
+    except re.error as e:
+      raise ValueError(
+        f'mask_by_name: `predicate` {predicate!r} is not a valid regular '
+        f'expression: {e}.'
+      ) from None
     fn: Callable[[str], Any] = lambda name: pattern.search(name) is not None
   elif callable(predicate):
     fn = predicate

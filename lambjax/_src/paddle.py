@@ -99,11 +99,15 @@ def ClipGradByGlobalNorm(
     >>> tx = lj.paddle.Lamb(grad_clip=lj.paddle.ClipGradByGlobalNorm(1.0))
   """
   del group_name, auto_skip_clip
+  base.check_number(
+    'paddle.ClipGradByGlobalNorm', 'clip_norm', clip_norm, lo=0.0
+  )
   return clipping.clip_by_global_norm(clip_norm)
 
 
 def ClipGradByNorm(clip_norm: float):
   """Paddle's ``ClipGradByNorm``: per-tensor norm clip (:func:`lambjax.clip_by_norm`)."""
+  base.check_number('paddle.ClipGradByNorm', 'clip_norm', clip_norm, lo=0.0)
   return clipping.clip_by_norm(clip_norm)
 
 
@@ -160,6 +164,15 @@ def _group_members(where, groups, params) -> list[str]:
   return [_FROZEN if lab is None else lab for lab in labels]
 
 
+def _check_paddle_numbers(where: str, **values: Any) -> None:
+  """Checks hyperparameters under their Paddle names (before delegating)."""
+  for arg, v in values.items():
+    if arg in ('beta1', 'beta2'):
+      base.check_number(where, arg, v, lo=0.0, hi=1.0, hi_open=True)
+    else:  # epsilon, momentum, lars_coeff, lars_weight_decay: >= 0.
+      base.check_number(where, arg, v, lo=0.0)
+
+
 def _build(
   where: str,
   make: Callable[..., optax.GradientTransformation],
@@ -173,6 +186,10 @@ def _build(
   transformation; ``lr_ratio_fn`` is the group's ``learning_rate``
   multiplier (``None`` for 1), applied after any trust ratio.
   """
+
+  base.check_number(
+    where, 'learning_rate', learning_rate, lo=0.0, allow_schedule=True
+  )
 
   def group_tx(overrides: dict) -> optax.GradientTransformation:
     merged = dict(hyper)
@@ -309,6 +326,7 @@ def Lamb(
     grad_clip,
   ):
     base.check_number(where, 'lamb_weight_decay', lamb_weight_decay, lo=0.0)
+    _check_paddle_numbers(where, beta1=beta1, beta2=beta2, epsilon=epsilon)
     decay = _decay_mask(where, exclude_from_weight_decay_fn, negate=True)
     if always_adapt:
       adapt = None
@@ -391,6 +409,20 @@ def LarsMomentum(
     rescale_grad,
   ):
     base.check_number(where, 'rescale_grad', rescale_grad)
+    _check_paddle_numbers(
+      where,
+      momentum=momentum,
+      lars_coeff=lars_coeff,
+      lars_weight_decay=lars_weight_decay,
+      epsilon=epsilon,
+    )
+    # A bare string would be iterated character by character: reject it.
+    if isinstance(exclude_from_weight_decay, str):
+      raise ValueError(
+        f'{where}: `exclude_from_weight_decay` must be a list of strings, got '
+        f'the string {exclude_from_weight_decay!r}; write '
+        f'[{exclude_from_weight_decay!r}].'
+      )
     excluded = list(exclude_from_weight_decay or [])
     if not all(isinstance(s, str) for s in excluded):
       raise ValueError(
@@ -462,6 +494,7 @@ def Adam(
   def make(
     learning_rate, lr_ratio_fn, beta1, beta2, epsilon, weight_decay, grad_clip
   ):
+    _check_paddle_numbers(where, beta1=beta1, beta2=beta2, epsilon=epsilon)
     return optax.chain(
       *_grad_clip(where, grad_clip),
       *_regularizer(where, weight_decay),
@@ -542,6 +575,7 @@ def AdamW(
     apply_decay_param_fun,
   ):
     base.check_number(where, 'weight_decay', weight_decay, lo=0.0)
+    _check_paddle_numbers(where, beta1=beta1, beta2=beta2, epsilon=epsilon)
     ratio = _combine_ratios(lr_ratio, lr_ratio_fn)
     return optax.chain(
       *_grad_clip(where, grad_clip),

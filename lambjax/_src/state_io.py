@@ -59,10 +59,27 @@ def state_dict(opt_state: Any) -> dict:
     >>> sd['0']['_type'], sd['0']['mu']['w'], sd['1']['learning_rate']
     ('ScaleByAdamState', array([0., 0.], dtype=float32), array(0.001, dtype=float32))
   """
-  if _is_leaf(opt_state):
-    return None if opt_state is None else np.asarray(opt_state)
-  kids, _ = _children(opt_state)
-  out: dict[str, Any] = {k: state_dict(c) for k, c in kids}
+  return _state_dict(opt_state, '')
+
+
+def _state_dict(node: Any, path: str) -> Any:
+  if _is_leaf(node):
+    if node is None:
+      return None
+    value = np.asarray(node)
+    # Objects, strings, times and records; bfloat16 is kind 'V' but no record.
+    if value.dtype.kind in 'OUSMm' or value.dtype.fields is not None:
+      raise ValueError(
+        f'state_dict: leaf {path or "<root>"!r} is {node!r} '
+        f'({type(node).__name__}), not an array; an optimizer state holds '
+        'only arrays.'
+      )
+    return value
+  kids, _ = _children(node)
+  out: dict[str, Any] = {
+    k: _state_dict(c, f'{path}.{k}' if path else k) for k, c in kids
+  }
+  opt_state = node
   if _tagged(opt_state):
     out[_TYPE] = type(opt_state).__name__
   return out
@@ -212,6 +229,10 @@ def save_state(path: str | os.PathLike, opt_state: Any) -> None:
     >>> lj.get_lr(lj.load_state(path, state))
     Array(0.001, dtype=float32)
   """
+  if not isinstance(path, str | os.PathLike):
+    raise TypeError(
+      f'save_state: `path` must be a str or os.PathLike, got {path!r}.'
+    )
   path = Path(path)
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_bytes(to_bytes(opt_state))

@@ -8,9 +8,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lambjax._src import base
+from lambjax._src import base, stacking
 
 
 def scale_by_adam(
@@ -133,20 +134,30 @@ class TrustRatioState(NamedTuple):
   ratio: base.PyTree
 
 
-def recorded(unflatten, ratios) -> TrustRatioState:
-  """A ``TrustRatioState`` from per-leaf ratios (``None``: not adapted)."""
-  one = jnp.ones((), jnp.float32)
-  return TrustRatioState(
-    ratio=unflatten(
-      [one if r is None else r.astype(jnp.float32) for r in ratios]
-    )
-  )
+def recorded(unflatten, ratios, template: TrustRatioState) -> TrustRatioState:
+  """A ``TrustRatioState`` from per-leaf ratios (``None``: not adapted).
+
+  Stacked leaves record one ratio per layer slice (a 1-D array); the
+  ``template`` (from :func:`init_trust_ratios`) fixes every leaf's shape.
+  """
+  shapes = jax.tree.leaves(template.ratio)
+  out = []
+  for r, t in zip(ratios, shapes, strict=True):
+    if r is None:
+      out.append(jnp.ones(t.shape, jnp.float32))
+    else:
+      out.append(jnp.reshape(r.astype(jnp.float32), t.shape))
+  return TrustRatioState(ratio=unflatten(out))
 
 
-def init_trust_ratios(params: base.PyTree) -> TrustRatioState:
-  return TrustRatioState(
-    ratio=jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
-  )
+def init_trust_ratios(params: base.PyTree, stacked=None) -> TrustRatioState:
+  named, treedef = base.flatten_with_names(params)
+  ones = []
+  for name, p in named:
+    shape = np.shape(base.leaf_value(p))
+    axis = stacking.leaf_axis(stacked, name, shape)
+    ones.append(jnp.ones(() if axis is None else (shape[axis],), jnp.float32))
+  return TrustRatioState(ratio=jax.tree_util.tree_unflatten(treedef, ones))
 
 
 def scale_by_trust_ratio(
@@ -159,6 +170,7 @@ def scale_by_trust_ratio(
   mask: base.MaskOrFn | None = None,
   weight_decay: float | None = None,
   record: bool = False,
+  stacked: stacking.Stacked | str | None = None,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf's update by its trust ratio (layer adaptation).
 
@@ -194,6 +206,8 @@ def scale_by_trust_ratio(
     record: keep the last ratios in the state (:class:`TrustRatioState`,
       1.0 on unadapted leaves) for logging with :func:`lambjax.diagnostics`.
       ``False`` (default) keeps the transformation stateless.
+    stacked: optional :class:`lambjax.Stacked` (or its pattern): leaves
+      holding stacked layers get one trust ratio per layer slice.
 
   Returns:
     An ``optax.GradientTransformation`` (it needs ``params``); stateless
@@ -231,10 +245,15 @@ def scale_by_trust_ratio(
     )
   if weight_decay is not None:
     base.check_number(where, 'weight_decay', weight_decay, lo=0.0)
+  base.check_mask(where, 'mask', mask)
 
-  def scale_optax(update, param):
-    param_norm = optax.safe_norm(param, min_norm)
-    update_norm = optax.safe_norm(update, min_norm)
+  stacked = stacking.check(where, stacked)
+
+  def scale_optax(update, param, axis):
+    axes = stacking.reduce_axes(param.ndim, axis)
+    keep = axis is not None
+    param_norm = optax.safe_norm(param, min_norm, axis=axes, keepdims=keep)
+    update_norm = optax.safe_norm(update, min_norm, axis=axes, keepdims=keep)
     ratio = _trust_ratio(
       param_norm,
       update_norm,
@@ -246,13 +265,15 @@ def scale_by_trust_ratio(
     )
     return update * ratio, ratio
 
-  def scale_paddle(grad, param):
+  def scale_paddle(grad, param, axis):
     wd = weight_decay
-    param_norm = _safe_norm(param)
-    grad_norm = _safe_norm(grad)
+    axes = stacking.reduce_axes(param.ndim, axis)
+    keep = axis is not None
+    param_norm = optax.safe_norm(param, 0.0, axis=axes, keepdims=keep)
+    grad_norm = optax.safe_norm(grad, 0.0, axis=axes, keepdims=keep)
     fallback = jnp.logical_or(param_norm == 0.0, grad_norm == 0.0)
     if base.is_static_number(wd) and wd == 0.0:
-      fallback = jnp.ones((), bool)
+      fallback = jnp.ones_like(fallback)
     else:
       fallback = jnp.logical_or(fallback, wd == 0.0)
     ratio = guarded_ratio(
@@ -271,37 +292,48 @@ def scale_by_trust_ratio(
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     updates = jax.tree.map(
-      lambda u, p: None if u is None else scale(u, p)[0],
+      lambda u, p: None if u is None else scale(u, p, None)[0],
       updates,
       params,
       is_leaf=lambda x: x is None,
     )
     return updates, state
 
-  if not record:
+  if not record and stacked is None:
     tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
     if mask is not None:
       return optax.masked(tx, mask)
     return tx
 
-  def recording_update(updates, state, params=None):
+  def named_update(updates, state, params=None):
+    """Per-leaf loop: masks, stacked slices and recorded ratios."""
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
     named, treedef = base.flatten_with_names(updates)
     adapt = base.leaf_flags(mask, params)
     out, ratios = [], []
-    for (_, u), p, on in zip(
+    for (name, u), p, on in zip(
       named, treedef.flatten_up_to(params), adapt, strict=True
     ):
       ratio = None
       if on and u is not None:
-        u, ratio = scale(u, p)
+        axis = stacking.leaf_axis(stacked, name, p.shape)
+        u, ratio = scale(u, p, axis)
       out.append(u)
       ratios.append(ratio)
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
-    return unflat(out), recorded(unflat, ratios)
+    if not record:
+      return unflat(out), state
+    return unflat(out), recorded(
+      unflat, ratios, init_trust_ratios(params, stacked)
+    )
 
-  return optax.GradientTransformation(init_trust_ratios, recording_update)
+  def init_fn(params):
+    if not record:
+      return optax.EmptyState()
+    return init_trust_ratios(params, stacked)
+
+  return optax.GradientTransformation(init_fn, named_update)
 
 
 def add_decayed_weights(
@@ -341,6 +373,7 @@ def add_decayed_weights(
     lo=0.0,
     allow_schedule=True,
   )
+  base.check_mask('add_decayed_weights', 'mask', mask)
   return optax.add_decayed_weights(weight_decay, mask)
 
 
@@ -353,6 +386,7 @@ def lr_ratio_value(lr_ratio_fn: Callable[[str], float], name: str) -> float:
 
 def scale_by_lr_ratio(
   lr_ratio_fn: Callable[[str], float],
+  stacked: stacking.Stacked | str | None = None,
 ) -> optax.GradientTransformation:
   r"""Multiplies each leaf's update by ``lr_ratio_fn(name)``.
 
@@ -365,6 +399,8 @@ def scale_by_lr_ratio(
 
   Args:
     lr_ratio_fn: ``name -> float``, a finite number ``>= 0`` per leaf.
+    stacked: optional :class:`lambjax.Stacked`: a stacked leaf gets
+      ``lr_ratio_fn`` of each layer slice's name, slice by slice.
 
   Returns:
     A stateless ``optax.GradientTransformation``.
@@ -382,13 +418,23 @@ def scale_by_lr_ratio(
       f'scale_by_lr_ratio: `lr_ratio_fn` must be callable, got {lr_ratio_fn!r}.'
     )
 
+  stacked = stacking.check('scale_by_lr_ratio', stacked)
+
   def update_fn(updates, state, params=None):
     del params
     named, treedef = base.flatten_with_names(updates)
     out = []
     for name, u in named:
-      r = lr_ratio_value(lr_ratio_fn, name)
-      out.append(u if (u is None or r == 1.0) else u * jnp.asarray(r, u.dtype))
+      if u is None:
+        out.append(u)
+        continue
+      r = stacking.lr_ratios(
+        stacked, lr_ratio_fn, lr_ratio_value, name, u.shape
+      )
+      if isinstance(r, float) and r == 1.0:
+        out.append(u)
+      else:
+        out.append(u * jnp.asarray(r, u.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -64,6 +64,7 @@ def with_master_weights(
     >>> bool((p['w'] == state.master['w'].astype(jnp.bfloat16)).all())
     True
   """
+  base.check_tx('with_master_weights', tx)
 
   def low(x) -> bool:
     x = base.leaf_value(x)
@@ -181,6 +182,7 @@ def lazy_rows(
     >>> u[1]
     Array([0., 0.], dtype=float32)
   """
+  base.check_tx('lazy_rows', tx)
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)

@@ -18,19 +18,36 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable as _Callable
+from typing import Any as _Any
 
 from lambjax._src import schedules as _s
 
+__all__ = [
+  'CosineAnnealingDecay',
+  'ExponentialDecay',
+  'InverseSquareRootSchedule',
+  'InverseTimeDecay',
+  'LinearWarmup',
+  'MultiStepDecay',
+  'NaturalExpDecay',
+  'NoamDecay',
+  'OneCycleLR',
+  'PiecewiseDecay',
+  'PolynomialDecay',
+  'StepDecay',
+]
 
-def _shifted(schedule: Callable, last_epoch: int) -> Callable:
+
+def _shifted(schedule: _Callable, last_epoch: int) -> _Callable:
   if (
     isinstance(last_epoch, bool)
     or not isinstance(last_epoch, int)
     or (last_epoch < -1)
   ):
-    raise ValueError(f'`last_epoch` must be an int >= -1, got {last_epoch!r}.')
+    raise ValueError(
+      f'paddle.lr: `last_epoch` must be an int >= -1, got {last_epoch!r}.'
+    )
   if last_epoch == -1:
     return schedule
   return lambda count: schedule(count + last_epoch + 1)
@@ -38,7 +55,7 @@ def _shifted(schedule: Callable, last_epoch: int) -> Callable:
 
 def StepDecay(
   learning_rate, step_size, gamma=0.1, last_epoch=-1, verbose=False
-) -> Callable[[Any], Any]:
+) -> _Callable[[_Any], _Any]:
   """Paddle ``StepDecay``: ``lr * gamma ** (k // step_size)``."""
   del verbose
   return _shifted(_s.step_decay(learning_rate, step_size, gamma), last_epoch)
