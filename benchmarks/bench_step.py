@@ -138,6 +138,16 @@ OPTS = {
     lambda: optax.adamw(1e-3, weight_decay=0.01),
   ),
   'adam': (lambda: lj.adam(1e-3), lambda: optax.adam(1e-3)),
+  'lamb_8bit': (
+    lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
+  'lamb_bf16': (
+    lambda: lj.lamb(
+      1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
+    ),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
   'adamw_dl': (
     lambda: lj.adamw_dl(1e-3, layerwise_decay=0.8, n_layers=12),
     lambda: optax.adamw(1e-3, weight_decay=0.01),

@@ -2,6 +2,7 @@
 
     python benchmarks/convergence.py              # the table (~5 min, 2 cores)
     python benchmarks/convergence.py --recipes    # batch-4096 recipe search
+    python benchmarks/convergence.py --eight-bit  # 8-bit LAMB state vs float32
     python benchmarks/convergence.py --help
 
 MNIST-1D with 40,000 samples (generator seed 42; 32k train / 4k val / 4k
@@ -135,6 +136,41 @@ def recipes(data: dict, epochs: int, batch: int = 4096) -> None:
     print(f'{label:34} {fmt(r["val_acc"]):>12}  {fmt(r["test_acc"]):>12}')
 
 
+def eight_bit(data: dict, epochs: int, batch_sizes=(1024, 4096)) -> None:
+  """lambjax LAMB with float32 vs 8-bit blockwise moments (state_8bit=True)."""
+  print(
+    f'{"optimizer":22} {"batch":>5}  {"float32":>12}  {"8-bit":>12}  diff (pts)'
+  )
+  configs = [
+    ('lamb', 0.1, {}),
+    ('lamb recipe', 0.05, {'trust_ratio_mask': K, 'b1': 0.8}),
+  ]
+  for label, warmup, options in configs:
+    for b in batch_sizes:
+      peak = PEAK_LR['lamb'][BATCH_SIZES.index(b)]
+      accs = [
+        run(
+          'lamb',
+          'lambjax',
+          b,
+          peak,
+          data,
+          epochs,
+          SEEDS,
+          warmup,
+          state_8bit=bits,
+          **options,
+        )['test_acc']
+        for bits in (False, True)
+      ]
+      diff = 100 * (accs[1].mean() - accs[0].mean())
+      print(
+        f'{label:22} {b:5d}  {fmt(accs[0]):>12}  {fmt(accs[1]):>12}'
+        f'  {diff:+6.2f}',
+        flush=True,
+      )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
@@ -145,6 +181,11 @@ def main(argv=None) -> None:
   parser.add_argument('--batch-sizes', type=int, nargs='+', default=BATCH_SIZES)
   parser.add_argument('--optimizers', nargs='+', default=list(PEAK_LR))
   parser.add_argument('--recipes', action='store_true')
+  parser.add_argument(
+    '--eight-bit',
+    action='store_true',
+    help='LAMB with 8-bit state against float32 at batch 1024 and 4096',
+  )
   a = parser.parse_args(argv)
   import jax
 
@@ -153,6 +194,8 @@ def main(argv=None) -> None:
   start = time.time()
   if a.recipes:
     recipes(data, a.epochs)
+  elif a.eight_bit:
+    eight_bit(data, a.epochs)
   else:
     table(data, a.epochs, a.batch_sizes, a.optimizers)
   print(f'total {time.time() - start:.0f} s')
