@@ -17,23 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 from flax.training import train_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from large_batch import MLP  # noqa: E402  (40-128-128-10, ReLU)
 from mnist1d_data import load_mnist1d  # noqa: E402
 
 import lambjax as lj  # noqa: E402
-
-
-class MLP(nn.Module):
-  hidden: int = 128
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(self.hidden, name='layers_0')(x))
-    x = nn.relu(nn.Dense(self.hidden, name='layers_1')(x))
-    return nn.Dense(10, name='head')(x)
 
 
 def main(
