@@ -138,6 +138,10 @@ OPTS = {
     lambda: optax.adamw(1e-3, weight_decay=0.01),
   ),
   'adam': (lambda: lj.adam(1e-3), lambda: optax.adam(1e-3)),
+  'lamb_workspace': (
+    lambda: lj.lamb(1e-3, weight_decay=0.01, workspace=True),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
   'lamb_8bit': (
     lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
     lambda: optax.lamb(1e-3, weight_decay=0.01),

@@ -53,6 +53,12 @@ CASES = [
     r'`trust_ratio_mask`.*mask_by_name',
   ),
   ('lamb', lambda: lj.lamb(0.1, diagnostics=1), ValueError, r'`diagnostics`'),
+  (
+    'lamb',
+    lambda: lj.lamb(0.1, b1=jnp.asarray(0.9), workspace=True),
+    ValueError,
+    r'workspace=True.*static numbers',
+  ),
   ('lars', lambda: lj.lars(0.1, momentum=-1.0), ValueError, r'`momentum`'),
   (
     'lars',

@@ -183,3 +183,149 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars():
     c = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile()
     temps[fused] = c.memory_analysis().temp_size_in_bytes
   assert temps[True] < 0.25 * 4 * 1024 * 1024 <= temps[False]
+
+
+# ---------------------------------------------------------------------------
+# lamb(workspace=True): the direction goes into a buffer in the state.
+# ---------------------------------------------------------------------------
+
+WORKSPACE_CONFIGS = {
+  'plain': dict(learning_rate=1e-2, weight_decay=0.01),
+  'masks_clamp_ratio': dict(
+    learning_rate=_sched,
+    weight_decay=0.05,
+    mask=lj.mask_by_name('kernel|embeddings'),
+    trust_ratio_mask=lj.mask_by_name('kernel'),
+    min_ratio=0.1,
+    max_ratio=5.0,
+    lr_ratio_fn=lambda n: 0.5 if 'layers.0' in n else 1.0,
+  ),
+  'bf16_moments': dict(
+    learning_rate=1e-2,
+    weight_decay=0.01,
+    mu_dtype=jnp.bfloat16,
+    nu_dtype=jnp.bfloat16,
+  ),
+  'diagnostics': dict(learning_rate=1e-2, weight_decay=0.01, diagnostics=True),
+}
+
+
+@pytest.mark.parametrize('name', sorted(WORKSPACE_CONFIGS))
+def test_workspace_changes_no_number(name):
+  """Same params and same inner state as without the workspace, bit for bit
+  (the same arithmetic in the same order), and the buffer holds the last
+  direction r = m_hat / (sqrt(v_hat) + eps) + wd p of a float64 reference."""
+  kw = WORKSPACE_CONFIGS[name]
+  params = h.to_jax(_big_tree())
+  grads = [h.to_jax(g) for g in h.grads_sequence(_big_tree(), 4, seed=7)]
+  plain, ws = lj.lamb(**kw), lj.lamb(**kw, workspace=True)
+  (traj_a, state_a), (traj_b, state_b) = (
+    h.run_steps(tx, params, grads) for tx in (plain, ws)
+  )
+  chex.assert_trees_all_equal(traj_a, traj_b)
+  ws_state = state_b
+  if 'diagnostics' in kw:  # with_diagnostics wraps the workspace state.
+    chex.assert_trees_all_equal(
+      lj.diagnostics(state_a), lj.diagnostics(state_b)
+    )
+    state_a, ws_state = state_a.inner_state, state_b.inner_state
+  chex.assert_trees_all_equal(state_a, ws_state.inner_state)
+  assert isinstance(ws_state, lj.WorkspaceState)
+
+  # Float64 reference of the direction of the last step.
+  adam = h.NumpyAdam(eps=1e-6)
+  wd = kw['weight_decay']
+  decay = kw.get('mask', lambda p: jax.tree.map(lambda _: True, p))(params)
+  adapt = kw.get('trust_ratio_mask', lambda p: jax.tree.map(lambda _: 1, p))(
+    params
+  )
+  p64 = h.to_np64(params)
+  st = jax.tree.map(adam.init, p64)
+  for t, (g, p_before) in enumerate(
+    zip(grads, [params, *traj_a[:-1]], strict=True), start=1
+  ):
+    r = jax.tree.map(
+      lambda g, s, p, dec, t=t: (
+        adam.direction(np.float64(g), s, t) + (wd * np.float64(p) if dec else 0)
+      ),
+      h.to_np64(g),
+      st,
+      h.to_np64(p_before),
+      decay,
+      is_leaf=lambda x: isinstance(x, dict) and set(x) == {'m', 'v'},
+    )
+  for (name_, want), (_, got), (_, a) in zip(
+    h.names_and_leaves(r),
+    h.names_and_leaves(ws_state.direction),
+    h.names_and_leaves(adapt),
+    strict=True,
+  ):
+    if not a:
+      assert got.shape == (0,), name_
+      continue
+    tol = 2e-2 if 'bf16' in name else 1e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name_)
+
+
+def test_workspace_removes_the_update_sized_temporary():
+  """The reason it exists: XLA:CPU writes r into the donated buffer."""
+  p = {'w': jnp.ones((1024, 1024)), 'b': jnp.ones((1024,))}
+  temps = {}
+  for workspace in (False, True):
+    tx = lj.lamb(1e-3, weight_decay=0.01, workspace=workspace)
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    c = step.lower(p, tx.init(p), p).compile()
+    temps[workspace] = c.memory_analysis().temp_size_in_bytes
+  assert temps[True] < 0.1 * 4 * 1024 * 1024 <= temps[False]
+
+
+def test_workspace_no_retrace_and_odd_trees():
+  traces = []
+  tx = lj.lamb(1e-2, weight_decay=0.1, workspace=True)
+
+  def step(p, s, g):
+    traces.append(1)
+    return h.train_step(tx)(p, s, g)
+
+  step = jax.jit(step)
+  for tree in (
+    {},
+    {'s': jnp.array(2.0, jnp.float32)},  # Not weak-typed: no retrace.
+    {'z': jnp.zeros((3, 2)), 'e': jnp.zeros((0, 4))},
+    {'w': jnp.ones((2, 3), jnp.bfloat16)},
+  ):
+    traces.clear()
+    s = tx.init(tree)
+    p = tree
+    for _ in range(3):
+      p, s = step(p, s, jax.tree.map(jnp.ones_like, tree))
+    assert len(traces) == 1
+    chex.assert_tree_all_finite(p)
+    chex.assert_trees_all_equal_shapes_and_dtypes(p, tree)
+    ref, _ = h.run_steps(
+      lj.lamb(1e-2, weight_decay=0.1),
+      tree,
+      [jax.tree.map(jnp.ones_like, tree)] * 3,
+    )
+    chex.assert_trees_all_equal(p, ref[-1])
+
+
+def test_workspace_state_round_trips_through_a_checkpoint():
+  params = h.to_jax(_big_tree())
+  tx = lj.lamb(1e-2, weight_decay=0.01, workspace=True)
+  _, state = h.run_steps(tx, params, [h.to_jax(h.grads_sequence(params, 1)[0])])
+  loaded = lj.from_bytes(tx.init(params), lj.to_bytes(state))
+  chex.assert_trees_all_equal(loaded, state)
+
+
+@pytest.mark.parametrize(
+  'kw, pattern',
+  [
+    (dict(workspace=1), r'`workspace` must be True or False, got 1'),
+    (dict(workspace=True, fused=False), r'workspace.*fused=False'),
+    (dict(workspace=True, state_8bit=True), r'workspace.*state_8bit=True'),
+  ],
+)
+def test_workspace_bad_inputs(kw, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    lj.lamb(1e-3, **kw)

@@ -18,7 +18,7 @@ update-sized temporary is written.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,31 @@ def _step_and_lr_state(lr_tx, lr_state):
   return step, new_state
 
 
+class WorkspaceState(NamedTuple):
+  """State of ``lamb(..., workspace=True)``: the optimizer's own state and a
+  persistent buffer per trust-ratio leaf.
+
+  Attributes:
+    inner_state: the state of the transformation without a workspace (the
+      chain's state, unchanged).
+    direction: per leaf, the last update direction ``r`` before the trust
+      ratio (zeros before the first step); a zero-size array for leaves that
+      are not adapted.
+  """
+
+  inner_state: Any
+  direction: Any
+
+
+def _direction_dtype(p, mu_dtype, nu_dtype):
+  """The dtype of LAMB's direction ``m_hat / (sqrt(v_hat) + eps) + wd p``."""
+  return jnp.result_type(
+    p.dtype,
+    p.dtype if mu_dtype is None else mu_dtype,
+    p.dtype if nu_dtype is None else nu_dtype,
+  )
+
+
 def adam_family(
   chain: optax.GradientTransformation,
   lr_tx: optax.GradientTransformation,
@@ -80,6 +105,8 @@ def adam_family(
   lr_ratio_fn: Callable[[str], float] | None,
   record_index: int | None = None,
   stacked: stacking.Stacked | None = None,
+  workspace: bool = False,
+  nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Adam / AdamW / AdamWDL / LAMB in one function per leaf.
 
@@ -88,11 +115,35 @@ def adam_family(
   its state is used unchanged (stateless links pass through). With
   ``record_index``, the chain's trust-ratio link records its ratios
   (``TrustRatioState`` at that index of the chain state) and so does this.
+
+  With ``workspace`` (LAMB only) the state is a :class:`WorkspaceState`: the
+  direction ``r`` of each adapted leaf is written into a buffer carried in
+  the state. ``r`` has two consumers (its norm and the update), so XLA:CPU
+  materialises it; without a workspace that is a fresh temporary every step,
+  whose page faults cost about a quarter of a BERT-base step on the
+  benchmark machine. A donated state buffer is reused in place instead.
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  if workspace and not trust:
+    raise ValueError('workspace needs the trust ratio (LAMB).')
+
+  def init_fn(params):
+    inner = chain.init(params)
+    if not workspace:
+      return inner
+    adapt = base.leaf_flags(trust_mask, params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    bufs = [
+      jnp.zeros(p.shape if a else (0,), _direction_dtype(p, mu_dtype, nu_dtype))
+      for p, a in zip(leaves, adapt, strict=True)
+    ]
+    return WorkspaceState(inner, jax.tree_util.tree_unflatten(treedef, bufs))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # Accepted and ignored, as optax.chain does.
+    if workspace:
+      work = state.direction
+      state = state.inner_state
     adam = state[0]
     step, lr_state = _step_and_lr_state(lr_tx, state[-1])
     count = optax.safe_increment(adam.count)
@@ -109,7 +160,8 @@ def adam_family(
     )
     decay = base.leaf_flags(decay_mask, params) if weight_decay else None
     adapt = base.leaf_flags(trust_mask, params) if trust else None
-    out_u, out_m, out_v, ratios = [], [], [], []
+    w_leaves = treedef.flatten_up_to(work) if workspace else None
+    out_u, out_m, out_v, out_w, ratios = [], [], [], [], []
     for i, ((name, g), mu, nu, p) in enumerate(
       zip(named, mu_leaves, nu_leaves, p_leaves, strict=True)
     ):
@@ -121,6 +173,12 @@ def adam_family(
       if decay is not None and decay[i]:
         u = u + weight_decay * p
       axis = stacking.leaf_axis(stacked, name, g.shape)
+      if workspace:
+        # r leaves in the state, so XLA writes it into the donated buffer
+        # instead of a fresh temporary (zero-size buffers: not adapted).
+        w = w_leaves[i]
+        same = w.shape == u.shape and w.dtype == u.dtype
+        out_w.append(u if same else w)
       if adapt is not None and adapt[i]:
         pn = _norm_from_sumsq(stacking.sumsq(p, axis))
         un = _norm_from_sumsq(stacking.sumsq(u, axis))
@@ -143,9 +201,12 @@ def adam_family(
       new_state[record_index] = transform.recorded(
         unflat, ratios, transform.init_trust_ratios(params, stacked)
       )
-    return unflat(out_u), tuple(new_state)
+    new_state = tuple(new_state)
+    if workspace:
+      new_state = WorkspaceState(new_state, unflat(out_w))
+    return unflat(out_u), new_state
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # Below this size a temporary costs nothing: use the exact direct norm.
