@@ -329,3 +329,24 @@ def test_workspace_state_round_trips_through_a_checkpoint():
 def test_workspace_bad_inputs(kw, pattern):
   with pytest.raises(ValueError, match=pattern):
     lj.lamb(1e-3, **kw)
+
+
+@pytest.mark.parametrize('delta', [1e-3, 3e-3, 0.03, 0.1, 0.3, 1.0, 10.0, -3.0])
+def test_lars_expanded_norm_near_cancellation_matches_float64(delta):
+  """g = -wd p (1 - delta) + noise: ‖g + wd p‖ is a small part of ‖g‖ and
+  wd ‖p‖ near delta = 0; the first step equals float64 numpy to 1e-4."""
+  rng = np.random.default_rng(0)
+  wd, lr, c = 0.01, 0.5, 0.1
+  p = rng.normal(size=(128, 64))
+  g = -wd * p * (1 - delta) + 1e-5 * wd * rng.normal(size=p.shape)
+  d = g + wd * p
+  want = -lr * c * np.linalg.norm(p) / np.linalg.norm(d) * d
+  tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
+  u, _ = jax.jit(tx.update)(
+    {'w': jnp.asarray(g, jnp.float32)},
+    tx.init({'w': jnp.asarray(p, jnp.float32)}),
+    {'w': jnp.asarray(p, jnp.float32)},
+  )
+  np.testing.assert_allclose(
+    u['w'], want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+  )
