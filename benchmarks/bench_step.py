@@ -306,33 +306,49 @@ def bench_tree(tree, opts, rounds, skip_optax_compile_over=None):
 
 
 def peak_rss(opt, impl, tree):
-  """Runs one optimizer in a fresh process; returns (peak, arrays) MiB."""
+  """Runs one optimizer in a fresh process.
+
+  Returns MiB: (peak RSS minus a bare jax process, params+grads+state,
+  params+grads+moments, step transient). The step transient is the peak
+  during three steps (VmHWM reset after compile and a warm-up step) minus
+  the RSS just before them: what the step itself allocates beyond its
+  arrays, without compiler and data-generation memory.
+  """
   # ru_maxrss survives fork+exec on Linux (a child starts at the parent's
   # peak), so read VmHWM, which belongs to the new address space.
-  hwm = (
-    "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')]"
-    '[0].split()[1]) / 1024'
+  status = (
+    "lambda k: int([l for l in open('/proc/self/status') if "
+    'l.startswith(k)][0].split()[1]) / 1024'
   )
   code = f"""
 import sys
 sys.argv = ['x']
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import bench_step as b, jax
+st = {status}
 shapes = b.TREES[{tree!r}]()
 grads = b.make_tree(shapes, 99)
 tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
 params = b.make_tree(shapes, 0)
 state = tx.init(params)
 step = b.make_step(tx)
+params, state = step(params, state, grads)
+b.block((params, state))
+before = st('VmRSS')
+with open('/proc/self/clear_refs', 'w') as f:
+  f.write('5')  # resets VmHWM to the current RSS
 for _ in range(3):
   params, state = step(params, state, grads)
 b.block((params, state))
+transient = st('VmHWM') - before
 nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
-print({hwm}, nbytes / 2**20)
+work = getattr(state, 'direction', None)  # lamb(workspace=True)'s buffer
+wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
+print(st('VmHWM'), nbytes / 2**20, (nbytes - wbytes) / 2**20, transient)
 """
   base_code = (
     'import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); '
-    f'print({hwm})'
+    f'print(({status})("VmHWM"))'
   )
   base = float(
     subprocess.run(
@@ -345,7 +361,7 @@ print({hwm}, nbytes / 2**20)
   out = subprocess.run(
     [sys.executable, '-c', code], capture_output=True, text=True, check=True
   ).stdout.split()
-  return float(out[0]) - base, float(out[1])
+  return float(out[0]) - base, float(out[1]), float(out[2]), float(out[3])
 
 
 def main(argv=None):
@@ -388,20 +404,28 @@ def main(argv=None):
       '\n## peak RSS, BERT-base lamb step (fresh process, minus a bare '
       'jax process)'
     )
-    for impl in ('lambjax', 'optax'):
-      extra, arrays = peak_rss('lamb', impl, 'bert')
+    runs = [('lamb', 'lambjax'), ('lamb', 'optax')]
+    if 'lamb_workspace' in opts:
+      runs.append(('lamb_workspace', 'lambjax'))
+    for opt, impl in runs:
+      extra, arrays, core, transient = peak_rss(opt, impl, 'bert')
       print(
-        f'{impl:8s} peak RSS +{extra:7.0f} MiB; params+grads+state '
-        f'{arrays:.0f} MiB; ratio {extra / arrays:.2f}',
+        f'{opt:15s} {impl:8s} peak RSS +{extra:5.0f} MiB; '
+        f'params+grads+state {arrays:.0f} MiB: {extra / arrays:.2f}x, '
+        f'params+grads+moments {core:.0f} MiB: {extra / core:.2f}x; '
+        f'step transient {transient:4.0f} MiB: (state + transient) / '
+        f'(params+grads+state) {(arrays + transient) / arrays:.2f}x',
         flush=True,
       )
       rows.append(
         {
           'tree': 'bert',
-          'opt': 'lamb',
+          'opt': opt,
           'impl': impl,
           'rss_mib': extra,
           'arrays_mib': arrays,
+          'core_mib': core,
+          'transient_mib': transient,
         }
       )
   if a.json:

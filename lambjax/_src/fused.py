@@ -175,10 +175,14 @@ def adam_family(
       axis = stacking.leaf_axis(stacked, name, g.shape)
       if workspace:
         # r leaves in the state, so XLA writes it into the donated buffer
-        # instead of a fresh temporary (zero-size buffers: not adapted).
+        # instead of a fresh temporary (zero-size buffers: not adapted). The
+        # whole-buffer update-slice reads as a use of the old buffer, so jit
+        # keeps (and aliases) the donated input; XLA folds it to ``u``.
         w = w_leaves[i]
         same = w.shape == u.shape and w.dtype == u.dtype
-        out_w.append(u if same else w)
+        out_w.append(
+          jax.lax.dynamic_update_slice(w, u, (0,) * u.ndim) if same else w
+        )
       if adapt is not None and adapt[i]:
         pn = _norm_from_sumsq(stacking.sumsq(p, axis))
         un = _norm_from_sumsq(stacking.sumsq(u, axis))
