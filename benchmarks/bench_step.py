@@ -369,7 +369,7 @@ def main(argv=None):
   ap.add_argument(
     '--quick',
     action='store_true',
-    help='bert + many_small, lamb/lars/adamw/adam, 5 rounds',
+    help='bert + many_small, lamb/lamb_workspace/lars/adamw/adam, 5 rounds',
   )
   ap.add_argument('--trees', default=None)
   ap.add_argument('--opts', default=None)
@@ -381,7 +381,8 @@ def main(argv=None):
     a.trees or ('bert,many_small' if a.quick else 'bert,resnet50,many_small')
   ).split(',')
   opts = (
-    a.opts or ('lamb,lars,adamw,adam' if a.quick else ','.join(OPTS))
+    a.opts
+    or ('lamb,lamb_workspace,lars,adamw,adam' if a.quick else ','.join(OPTS))
   ).split(',')
   rounds = a.rounds or (5 if a.quick else 11)
   print(
@@ -405,7 +406,7 @@ def main(argv=None):
       'jax process)'
     )
     runs = [('lamb', 'lambjax'), ('lamb', 'optax')]
-    if 'lamb_workspace' in opts:
+    if 'lamb_workspace' in opts and not a.quick:  # quick: < 3 min
       runs.append(('lamb_workspace', 'lambjax'))
     for opt, impl in runs:
       extra, arrays, core, transient = peak_rss(opt, impl, 'bert')
