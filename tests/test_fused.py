@@ -17,18 +17,20 @@ def _sched(c):
   return 0.02 * jnp.minimum(1.0, (c + 1) / 5.0)
 
 
+# LAMB with every per-leaf option: decay and trust masks, clamps, lr ratios.
+LAMB_MASKS_CLAMP = dict(
+  learning_rate=_sched,
+  weight_decay=0.05,
+  mask=lj.mask_by_name('kernel|embeddings'),
+  trust_ratio_mask=lj.mask_by_name('kernel'),
+  min_ratio=0.1,
+  max_ratio=5.0,
+  lr_ratio_fn=lambda n: 0.5 if 'layers.0' in n else 1.0,
+)
+
 CONFIGS = {
   'lamb': lambda f: lj.lamb(1e-2, weight_decay=0.01, fused=f),
-  'lamb_masks_clamp_ratio': lambda f: lj.lamb(
-    _sched,
-    weight_decay=0.05,
-    mask=lj.mask_by_name('kernel|embeddings'),
-    trust_ratio_mask=lj.mask_by_name('kernel'),
-    min_ratio=0.1,
-    max_ratio=5.0,
-    lr_ratio_fn=lambda n: 0.5 if 'layers.0' in n else 1.0,
-    fused=f,
-  ),
+  'lamb_masks_clamp_ratio': lambda f: lj.lamb(**LAMB_MASKS_CLAMP, fused=f),
   'lamb_bf16_moments': lambda f: lj.lamb(
     1e-2,
     weight_decay=0.01,
@@ -191,15 +193,7 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars():
 
 WORKSPACE_CONFIGS = {
   'plain': dict(learning_rate=1e-2, weight_decay=0.01),
-  'masks_clamp_ratio': dict(
-    learning_rate=_sched,
-    weight_decay=0.05,
-    mask=lj.mask_by_name('kernel|embeddings'),
-    trust_ratio_mask=lj.mask_by_name('kernel'),
-    min_ratio=0.1,
-    max_ratio=5.0,
-    lr_ratio_fn=lambda n: 0.5 if 'layers.0' in n else 1.0,
-  ),
+  'masks_clamp_ratio': LAMB_MASKS_CLAMP,
   'bf16_moments': dict(
     learning_rate=1e-2,
     weight_decay=0.01,
