@@ -18,7 +18,10 @@ in Paddle, from layer adaptation). The model is a small Flax encoder
 through, the run is checkpointed (``lj.save_state`` for the optimizer state,
 ``flax.serialization`` for the params; msgpack, no pickle), rebuilt from
 scratch, restored and continued; the script checks that the resumed run ends
-bit-identical to an uninterrupted one.
+bit-identical to an uninterrupted one. On a GPU that needs
+``XLA_FLAGS=--xla_gpu_deterministic_ops=true``: otherwise the embedding
+gradient's scatter-add (atomics) makes even two uninterrupted runs differ in
+the last bits.
 """
 
 from __future__ import annotations

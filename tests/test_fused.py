@@ -184,7 +184,9 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars():
 
     c = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile()
     temps[fused] = c.memory_analysis().temp_size_in_bytes
-  assert temps[True] < 0.25 * 4 * 1024 * 1024 <= temps[False]
+  assert temps[True] < 0.25 * 4 * 1024 * 1024
+  if jax.default_backend() == 'cpu':  # XLA:GPU fuses the chain's too.
+    assert temps[False] >= 0.25 * 4 * 1024 * 1024  # The check can fail.
 
 
 # ---------------------------------------------------------------------------
@@ -216,14 +218,29 @@ def test_workspace_changes_no_number(name):
   (traj_a, state_a), (traj_b, state_b) = (
     h.run_steps(tx, params, grads) for tx in (plain, ws)
   )
-  chex.assert_trees_all_equal(traj_a, traj_b)
+
+  # XLA:CPU compiles both to the same arithmetic. XLA:GPU fuses the two
+  # programs differently (FMA contraction), which moves bf16-moment runs by
+  # an ulp (seen on an H100): there, equal to 4 ulp of each leaf's dtype.
+  def same(a, b):
+    if jax.default_backend() == 'cpu':
+      return chex.assert_trees_all_equal(a, b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      eps = (
+        float(jnp.finfo(x.dtype).eps)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        else 0.0
+      )
+      np.testing.assert_allclose(
+        np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=4 * eps
+      )
+
+  same(traj_a, traj_b)
   ws_state = state_b
   if 'diagnostics' in kw:  # with_diagnostics wraps the workspace state.
-    chex.assert_trees_all_equal(
-      lj.diagnostics(state_a), lj.diagnostics(state_b)
-    )
+    same(lj.diagnostics(state_a), lj.diagnostics(state_b))
     state_a, ws_state = state_a.inner_state, state_b.inner_state
-  chex.assert_trees_all_equal(state_a, ws_state.inner_state)
+  same(state_a, ws_state.inner_state)
   assert isinstance(ws_state, lj.WorkspaceState)
 
   # Float64 reference of the direction of the last step.
@@ -273,7 +290,9 @@ def test_workspace_removes_the_update_sized_temporary():
     # Every output, the new workspace included, reuses a donated buffer (jit
     # drops unused arguments, so a never-read workspace would not be).
     assert m.alias_size_in_bytes >= 0.99 * m.output_size_in_bytes
-  assert temps[True] < 0.1 * 4 * 1024 * 1024 <= temps[False]
+  assert temps[True] < 0.1 * 4 * 1024 * 1024
+  if jax.default_backend() == 'cpu':  # XLA:GPU needs no workspace for r.
+    assert temps[False] >= 0.1 * 4 * 1024 * 1024
 
 
 def test_workspace_no_retrace_and_odd_trees():

@@ -17,11 +17,18 @@ from jax.sharding import PartitionSpec as P
 import lambjax as lj
 
 
-def test_eight_device_mesh_matches_single_device():
+def _eight_cpu_devices_env():
+  """A child process with 8 simulated CPU devices, also on a GPU machine."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = (
     env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   ).strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def test_eight_device_mesh_matches_single_device():
+  env = _eight_cpu_devices_env()
   script = Path(__file__).with_name('sharded_main.py')
   root = Path(__file__).resolve().parent.parent
   out = subprocess.run(
@@ -39,10 +46,7 @@ def test_eight_device_mesh_matches_single_device():
 
 def test_sharded_equals_single_device_property(capsys):
   """The hypothesis property of tests/sharded_property.py, 200 examples."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-    env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  ).strip()
+  env = _eight_cpu_devices_env()
   root = Path(__file__).resolve().parent.parent
   out = subprocess.run(
     [
@@ -52,6 +56,8 @@ def test_sharded_equals_single_device_property(capsys):
       '-q',
       '-p',
       'no:cacheprovider',
+      '-p',
+      'no:benchmark',  # pytest-benchmark, where installed, warns under xdist.
       '--hypothesis-show-statistics',
       '-o',
       'addopts=',
