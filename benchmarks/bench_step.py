@@ -213,11 +213,14 @@ class Runner:
     self.times = []
     self.run()  # warm up
 
-  def run(self):
+  def run(self, inner=1):
     t0 = time.perf_counter()
-    self.params, self.state = self.compiled(self.params, self.state, self.grads)
+    for _ in range(inner):
+      self.params, self.state = self.compiled(
+        self.params, self.state, self.grads
+      )
     block((self.params, self.state))
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / inner
 
 
 class Roof:
@@ -229,13 +232,14 @@ class Roof:
     self.times = []
     self.run()
 
-  def run(self):
+  def run(self, inner=1):
     a, b, c, d = self.bufs
     t0 = time.perf_counter()
-    a, c, d = self.compiled(a, b, c, d)
+    for _ in range(inner):
+      a, c, d = self.compiled(a, b, c, d)
     block((a, c, d))
     self.bufs = [a, b, c, d]
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / inner
 
 
 def fmt_ms(xs):
@@ -245,7 +249,7 @@ def fmt_ms(xs):
   )
 
 
-def bench_tree(tree, opts, rounds, skip_optax_compile_over=None):
+def bench_tree(tree, opts, rounds, skip_optax_compile_over=None, inner=1):
   shapes = TREES[tree]()
   n = sum(int(np.prod(s)) for s in shapes.values())
   print(
@@ -268,7 +272,7 @@ def bench_tree(tree, opts, rounds, skip_optax_compile_over=None):
     for r in range(rounds):
       order = impls[r % len(impls) :] + impls[: r % len(impls)]
       for impl in order:
-        impl.times.append(impl.run())
+        impl.times.append(impl.run(inner))
     roof_t = roof.times[-rounds:]
     row = {
       'tree': tree,
@@ -364,6 +368,39 @@ print(st('VmHWM'), nbytes / 2**20, (nbytes - wbytes) / 2**20, transient)
   return float(out[0]) - base, float(out[1]), float(out[2]), float(out[3])
 
 
+def peak_device_mem(opt, impl, tree):
+  """Accelerator memory of one optimizer's step, in a fresh process.
+
+  Returns MiB: (the allocator's peak bytes in use over init, compile and
+  three steps; params+grads+state; params+grads+moments). Data is made on
+  the host, so the peak is the live arrays plus what the step allocates.
+  """
+  code = f"""
+import sys
+sys.argv = ['x']
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import bench_step as b, jax
+shapes = b.TREES[{tree!r}]()
+grads = b.make_tree(shapes, 99)
+tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
+params = b.make_tree(shapes, 0)
+state = tx.init(params)
+step = b.make_step(tx)
+for _ in range(4):
+  params, state = step(params, state, grads)
+b.block((params, state))
+peak = jax.local_devices()[0].memory_stats()['peak_bytes_in_use']
+nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
+work = getattr(state, 'direction', None)  # lamb(workspace=True)'s buffer
+wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
+print(peak / 2**20, nbytes / 2**20, (nbytes - wbytes) / 2**20)
+"""
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  ).stdout.split()
+  return tuple(float(x) for x in out[-3:])
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument(
@@ -375,6 +412,13 @@ def main(argv=None):
   ap.add_argument('--opts', default=None)
   ap.add_argument('--rounds', type=int, default=None)
   ap.add_argument('--no-rss', action='store_true')
+  ap.add_argument(
+    '--inner',
+    type=int,
+    default=None,
+    help='steps per timed round (default 1 on CPU, 20 on an accelerator, '
+    'where one step is ~1 ms and dispatch runs ahead as in training)',
+  )
   ap.add_argument('--json', default=None, help='write the rows here')
   a = ap.parse_args(argv)
   trees = (
@@ -385,12 +429,17 @@ def main(argv=None):
     or ('lamb,lamb_workspace,lars,adamw,adam' if a.quick else ','.join(OPTS))
   ).split(',')
   rounds = a.rounds or (5 if a.quick else 11)
+  cpu = jax.default_backend() == 'cpu'
+  inner = a.inner or (1 if cpu else 20)
   print(
     f'# machine: {platform.machine()}, nproc {os.cpu_count()}, '
     f'jax {jax.__version__} ({jax.default_backend()}), optax '
     f'{optax.__version__}, lambjax {lj.__version__}'
   )
-  print(f'# rounds {rounds}; times are medians [min-max] over rounds')
+  print(
+    f'# device {jax.devices()[0].device_kind}; rounds {rounds} of {inner} '
+    'step(s); times are medians [min-max] over rounds, per step'
+  )
   rows = []
   for tree in trees:
     # optax's compile on 2,000 leaves takes minutes: quick mode skips it.
@@ -399,8 +448,31 @@ def main(argv=None):
     if tree == 'many_small' and not a.opts:
       # Each compile there takes ~15-150 s: the core optimizers only.
       tree_opts = ['lars'] if a.quick else ['lamb', 'lars', 'adamw', 'adam']
-    rows += bench_tree(tree, tree_opts, rounds, skip)
-  if not a.no_rss and 'bert' in trees and 'lamb' in opts:
+    rows += bench_tree(tree, tree_opts, rounds, skip, inner)
+  if not a.no_rss and not cpu and 'bert' in trees and 'lamb' in opts:
+    print('\n## peak device memory, BERT-base lamb step (fresh process)')
+    runs = [('lamb', 'lambjax'), ('lamb', 'optax')]
+    if 'lamb_workspace' in opts:
+      runs.append(('lamb_workspace', 'lambjax'))
+    for opt, impl in runs:
+      peak, arrays, core = peak_device_mem(opt, impl, 'bert')
+      print(
+        f'{opt:15s} {impl:8s} peak {peak:6.0f} MiB; '
+        f'params+grads+state {arrays:.0f} MiB: {peak / arrays:.2f}x, '
+        f'params+grads+moments {core:.0f} MiB: {peak / core:.2f}x',
+        flush=True,
+      )
+      rows.append(
+        {
+          'tree': 'bert',
+          'opt': opt,
+          'impl': impl,
+          'device_peak_mib': peak,
+          'arrays_mib': arrays,
+          'core_mib': core,
+        }
+      )
+  if not a.no_rss and cpu and 'bert' in trees and 'lamb' in opts:
     print(
       '\n## peak RSS, BERT-base lamb step (fresh process, minus a bare '
       'jax process)'
