@@ -309,6 +309,30 @@ def bench_tree(tree, opts, rounds, skip_optax_compile_over=None, inner=1):
   return rows
 
 
+def _child_setup(opt, impl, tree):
+  """Code for a fresh process: one optimizer's params, grads, state, step."""
+  return f"""
+import sys
+sys.argv = ['x']
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import bench_step as b, jax
+shapes = b.TREES[{tree!r}]()
+grads = b.make_tree(shapes, 99)
+tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
+params = b.make_tree(shapes, 0)
+state = tx.init(params)
+step = b.make_step(tx)
+"""
+
+
+# The same process: bytes of params+grads+state, and of the workspace.
+_SIZES = """
+nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
+work = getattr(state, 'direction', None)  # lamb(workspace=True)'s buffer
+wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
+"""
+
+
 def peak_rss(opt, impl, tree):
   """Runs one optimizer in a fresh process.
 
@@ -324,18 +348,10 @@ def peak_rss(opt, impl, tree):
     "lambda k: int([l for l in open('/proc/self/status') if "
     'l.startswith(k)][0].split()[1]) / 1024'
   )
-  code = f"""
-import sys
-sys.argv = ['x']
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-import bench_step as b, jax
+  code = (
+    _child_setup(opt, impl, tree)
+    + f"""
 st = {status}
-shapes = b.TREES[{tree!r}]()
-grads = b.make_tree(shapes, 99)
-tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
-params = b.make_tree(shapes, 0)
-state = tx.init(params)
-step = b.make_step(tx)
 params, state = step(params, state, grads)
 b.block((params, state))
 before = st('VmRSS')
@@ -345,11 +361,9 @@ for _ in range(3):
   params, state = step(params, state, grads)
 b.block((params, state))
 transient = st('VmHWM') - before
-nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
-work = getattr(state, 'direction', None)  # lamb(workspace=True)'s buffer
-wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
-print(st('VmHWM'), nbytes / 2**20, (nbytes - wbytes) / 2**20, transient)
+{_SIZES}print(st('VmHWM'), nbytes / 2**20, (nbytes - wbytes) / 2**20, transient)
 """
+  )
   base_code = (
     'import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); '
     f'print(({status})("VmHWM"))'
@@ -372,29 +386,19 @@ def peak_device_mem(opt, impl, tree):
   """Accelerator memory of one optimizer's step, in a fresh process.
 
   Returns MiB: (the allocator's peak bytes in use over init, compile and
-  three steps; params+grads+state; params+grads+moments). Data is made on
+  four steps; params+grads+state; params+grads+moments). Data is made on
   the host, so the peak is the live arrays plus what the step allocates.
   """
-  code = f"""
-import sys
-sys.argv = ['x']
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-import bench_step as b, jax
-shapes = b.TREES[{tree!r}]()
-grads = b.make_tree(shapes, 99)
-tx = b.OPTS[{opt!r}][{0 if impl == 'lambjax' else 1}]()
-params = b.make_tree(shapes, 0)
-state = tx.init(params)
-step = b.make_step(tx)
+  code = (
+    _child_setup(opt, impl, tree)
+    + f"""
 for _ in range(4):
   params, state = step(params, state, grads)
 b.block((params, state))
 peak = jax.local_devices()[0].memory_stats()['peak_bytes_in_use']
-nbytes = sum(x.nbytes for x in jax.tree.leaves((params, grads, state)))
-work = getattr(state, 'direction', None)  # lamb(workspace=True)'s buffer
-wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
-print(peak / 2**20, nbytes / 2**20, (nbytes - wbytes) / 2**20)
+{_SIZES}print(peak / 2**20, nbytes / 2**20, (nbytes - wbytes) / 2**20)
 """
+  )
   out = subprocess.run(
     [sys.executable, '-c', code], capture_output=True, text=True, check=True
   ).stdout.split()
