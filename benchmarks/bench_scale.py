@@ -192,7 +192,9 @@ def main(argv=None) -> None:
   if a.part in ('sharded', 'both'):
     if FLAG not in os.environ.get('XLA_FLAGS', ''):
       env = dict(
-        os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FLAG}'
+        os.environ,
+        XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FLAG}',
+        JAX_PLATFORMS='cpu',  # 8 host devices, also on a GPU machine.
       )
       cmd = [
         sys.executable,
