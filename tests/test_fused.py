@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import lambjax as lj
+from lambjax._src import fused as fused_lib
 from tests import helpers as h
 
 
@@ -76,14 +77,11 @@ def _big_tree(seed=0):
   return tree
 
 
-@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
-@pytest.mark.parametrize('name', sorted(CONFIGS))
-def test_fused_equals_chain(name, use_jit):
-  params = _big_tree()
-  grads = h.grads_sequence(params, 8, seed=3)
-  fast, chain = CONFIGS[name](True), CONFIGS[name](False)
+def _trajectories(name, params, grads, use_jit=True):
+  """Params after each step and the final state: (fused, chain) pairs."""
   trajs, states = [], []
-  for tx in (fast, chain):
+  for fused in (True, False):
+    tx = CONFIGS[name](fused)
     p = h.to_jax(params)
     s = tx.init(p)
     update = jax.jit(tx.update) if use_jit else tx.update
@@ -94,6 +92,26 @@ def test_fused_equals_chain(name, use_jit):
       traj.append(p)
     trajs.append(traj)
     states.append(s)
+  return trajs, states
+
+
+def _one_step_close(name, params, g):
+  """One jitted update, fused vs chain: same dtypes, close to bf16 rounding."""
+  outs = []
+  for fused in (True, False):
+    tx = CONFIGS[name](fused)
+    u, _ = jax.jit(tx.update)(g, tx.init(params), params)
+    chex.assert_trees_all_equal_dtypes(u, params)
+    outs.append(u)
+  chex.assert_trees_all_close(outs[0], outs[1], rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_fused_equals_chain(name, use_jit):
+  params = _big_tree()
+  grads = h.grads_sequence(params, 8, seed=3)
+  trajs, states = _trajectories(name, params, grads, use_jit)
   # Under jit both compile to the same arithmetic up to fusion: 1e-6. Eager
   # op-by-op float32 rounding differs by ~1e-7 absolute, which is up to 5e-6
   # of the zero-initialised bias's small trajectory.
@@ -116,13 +134,106 @@ def test_fused_equals_chain_bf16_params(name):
     lambda x: jnp.asarray(x, jnp.bfloat16),
     h.grads_sequence(params, 1, seed=5)[0],
   )
-  outs = []
-  for fused in (True, False):
-    tx = CONFIGS[name](fused)
-    u, s = jax.jit(tx.update)(g, tx.init(params), params)
-    chex.assert_trees_all_equal_dtypes(u, params)
-    outs.append(u)
-  chex.assert_trees_all_close(outs[0], outs[1], rtol=2e-2, atol=1e-4)
+  _one_step_close(name, params, g)
+
+
+def _wide_tree(seed=0, dtypes=(np.float32,)):
+  """More leaves than one window of the fast path, many of one small shape
+  (grouped norms), a zero bias, leaves big enough for LARS's expanded norms
+  and, with several ``dtypes``, mixed dtypes in one window."""
+  rng = np.random.default_rng(seed)
+  tree = {}
+  for i in range(13):
+    dt = dtypes[i % len(dtypes)]
+    tree[f'layers{i:02d}'] = {
+      'kernel': rng.normal(size=(5, 4)).astype(dt),
+      'bias': (np.zeros(4) if i % 4 == 0 else rng.normal(size=4)).astype(dt),
+      'scale': rng.normal(size=4).astype(dt),
+    }
+  tree['big_kernel'] = rng.normal(size=(80, 64)).astype(np.float32)
+  tree['big_kernel_2'] = rng.normal(size=(80, 64)).astype(np.float32)
+  tree['frozen'] = rng.normal(size=(2, 2)).astype(np.float32)
+  return tree
+
+
+def _wide_grads(params, steps, seed):
+  grads = h.grads_sequence(params, steps, seed=seed)
+  for g in grads:  # A leaf whose update is zero: trust ratio 1.
+    g['layers05']['scale'] = np.zeros_like(g['layers05']['scale'])
+  return [
+    jax.tree.map(lambda x, p: x.astype(p.dtype), g, params) for g in grads
+  ]
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_fused_equals_chain_on_a_wide_tree(name):
+  """Windows of leaves, same-shape groups and a zero-update leaf."""
+  params = _wide_tree()
+  assert len(jax.tree.leaves(params)) > 2 * fused_lib._WINDOW
+  grads = _wide_grads(params, 4, seed=7)
+  trajs, _ = _trajectories(name, params, grads)
+  assert h.trajectory_rel_err(trajs[0], trajs[1]) < 1e-6
+
+
+@pytest.mark.parametrize('name', ['lamb', 'lars', 'lars_paddle'])
+def test_fused_equals_chain_with_mixed_dtypes_in_a_window(name):
+  tree = _wide_tree(2, dtypes=(np.float32, jnp.bfloat16))
+  params = jax.tree.map(jnp.asarray, tree)
+  g = jax.tree.map(jnp.asarray, _wide_grads(tree, 1, seed=9)[0])
+  assert {x.dtype for x in jax.tree.leaves(params)} == {
+    jnp.dtype(jnp.float32),
+    jnp.dtype(jnp.bfloat16),
+  }
+  _one_step_close(name, params, g)
+
+
+def test_sumsqs_matches_float64():
+  rng = np.random.default_rng(0)
+  xs = [
+    rng.normal(size=(3, 4)),
+    rng.normal(size=(3, 4)),  # Same shape: summed in one group.
+    np.zeros((3, 4)),
+    rng.normal(size=(2, 5, 3)),  # Stacked along axis 1: per slice.
+    rng.normal(size=(fused_lib._SMALL + 1,)),  # Large: on its own.
+    None,
+    rng.normal(size=()),
+    rng.normal(size=(3, 4)).astype(jnp.bfloat16),  # Another dtype group.
+  ]
+  axes = [None, None, None, 1, None, None, None, None]
+  got = fused_lib.sumsqs(
+    [None if x is None else jnp.asarray(x) for x in xs], axes
+  )
+  for x, axis, out in zip(xs, axes, got, strict=True):
+    if x is None:
+      assert out is None
+      continue
+    x64 = np.asarray(x, np.float64)
+    want = (
+      np.sum(x64**2)
+      if axis is None
+      else np.sum(x64**2, axis=(0, 2), keepdims=True)
+    )
+    assert out.dtype == jnp.asarray(x).dtype
+    assert np.shape(out) == np.shape(want)
+    rtol = 1e-2 if out.dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=rtol)
+
+
+def test_batched_is_the_same_as_leaf_by_leaf():
+  def fn(a, b):
+    return jnp.where(b > 0, jnp.sqrt(jnp.abs(a)) / b, 1.0)
+
+  rng = np.random.default_rng(1)
+  a = [jnp.asarray(rng.normal(size=s), np.float32) for s in [(), (), (3, 1)]]
+  b = [jnp.asarray(rng.normal(size=jnp.shape(x)), np.float32) for x in a]
+  a.append(jnp.asarray(2.0, jnp.bfloat16))  # A dtype of its own.
+  b.append(jnp.asarray(0.5, jnp.bfloat16))
+  for call in (fused_lib.batched, jax.jit(fused_lib.batched, static_argnums=0)):
+    got = call(fn, a, b)
+    for x, y, out in zip(a, b, got, strict=True):
+      want = fn(x, y)
+      assert out.dtype == want.dtype and out.shape == want.shape
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))
