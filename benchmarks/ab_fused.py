@@ -1,0 +1,143 @@
+"""A/B of the fast path: ``lambjax/_src/fused.py`` at a git revision against
+the working tree's, in one process (the machine is noisy; runs in separate
+processes are not comparable to a few percent).
+
+Both versions build the same optimizer on the same tree. Step time: the two
+compiled steps run interleaved for ``--rounds`` rounds (order alternating),
+reported as the median of per-round ratios old/new (> 1: new faster).
+Compile time: ``lower + compile`` of each, interleaved ``--compiles`` times.
+An A/A run (``--rev`` equal to the working tree) of this harness has read
+0.96 on BERT-base, so read ratios within ~0.04 of 1 as ties.
+
+    python benchmarks/ab_fused.py --rev HEAD~1 --tree bert --opt lamb
+    python benchmarks/ab_fused.py --rev HEAD~1 --tree many_small --n 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import statistics
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from bench_step import TREES, Roof, Runner, make_tree
+
+import lambjax as lj
+from lambjax._src import alias
+from lambjax._src import fused as new_fused
+
+OPTS = {
+  'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
+  'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
+  'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3, 0.01),
+  'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
+}
+
+
+def fused_at(rev: str):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  src = subprocess.run(
+    ['git', 'show', f'{rev}:lambjax/_src/fused.py'],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=root,
+  ).stdout
+  spec = importlib.util.spec_from_loader('lambjax._src.fused_ab', loader=None)
+  mod = importlib.util.module_from_spec(spec)
+  exec(compile(src, f'fused.py@{rev}', 'exec'), mod.__dict__)
+  return mod
+
+
+def build(opt: str, module):
+  """The optimizer with ``module`` as its fast path."""
+  current = alias.fused_lib
+  alias.fused_lib = module
+  try:
+    return OPTS[opt]()
+  finally:
+    alias.fused_lib = current
+
+
+def compile_s(tx, shapes) -> float:
+  ps = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+  state = jax.eval_shape(tx.init, ps)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  t0 = time.perf_counter()
+  jax.jit(step, donate_argnums=(0, 1)).lower(ps, state, ps).compile()
+  return time.perf_counter() - t0
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--rev', default='HEAD~1')
+  ap.add_argument('--tree', default='bert', choices=sorted(TREES))
+  ap.add_argument('--n', type=int, default=None, help='many_small leaves')
+  ap.add_argument('--opt', default='lamb', choices=sorted(OPTS))
+  ap.add_argument('--rounds', type=int, default=15)
+  ap.add_argument('--compiles', type=int, default=3)
+  args = ap.parse_args(argv)
+  shapes = TREES[args.tree]() if args.n is None else TREES[args.tree](args.n)
+  old = fused_at(args.rev)
+  impls = {'old': old, 'new': new_fused}
+  print(f'# {args.tree} ({len(shapes)} leaves), {args.opt}: {args.rev} vs tree')
+
+  compiles = {k: [] for k in impls}
+  for r in range(args.compiles):
+    order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+    for k in order:
+      compiles[k].append(compile_s(build(args.opt, impls[k]), shapes))
+  ratio = statistics.median(
+    n / o for n, o in zip(compiles['new'], compiles['old'], strict=True)
+  )
+  print(
+    'compile  old {:.2f} s  new {:.2f} s  new/old {:.2f}'.format(
+      statistics.median(compiles['old']),
+      statistics.median(compiles['new']),
+      ratio,
+    )
+  )
+
+  grads = make_tree(shapes, 1)
+  runners = {
+    k: Runner(k, build(args.opt, m), shapes, grads) for k, m in impls.items()
+  }
+  roof = Roof(shapes)
+  times = {k: [] for k in runners}
+  ratios, roofs = [], []
+  for r in range(args.rounds):
+    order = list(runners) if r % 2 else list(runners)[::-1]
+    t = {k: runners[k].run() for k in order}
+    for k in t:
+      times[k].append(t[k])
+    ratios.append(t['old'] / t['new'])
+    roofs.append(roof.run())
+  for k, ts in times.items():
+    med = statistics.median(ts)
+    print(
+      f'step     {k} {med * 1e3:8.1f} ms  roof '
+      f'{statistics.median(roofs) / med:.2f}'
+    )
+  print(
+    f'step     old/new (median of per-round ratios) '
+    f'{statistics.median(ratios):.3f}'
+  )
+  diff = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))),
+    runners['old'].params,
+    runners['new'].params,
+  )
+  print(f'max |old - new| params: {max(jax.tree.leaves(diff)):.2e}')
+
+
+if __name__ == '__main__':
+  main()
