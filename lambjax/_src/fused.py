@@ -50,6 +50,13 @@ def _times_lr_ratio(u, lr_ratio_fn, stacked, name):
   return u * jnp.asarray(rho, u.dtype)
 
 
+def _times_ratios(x, ratio, lr_ratio_fn, stacked, name):
+  """``x`` times its trust ratio (``None``: not adapted) and lr multiplier."""
+  if ratio is not None:
+    x = x * ratio
+  return _times_lr_ratio(x, lr_ratio_fn, stacked, name)
+
+
 def _clamp(ratio, lo, hi):
   if lo is None and hi is None:
     return ratio
@@ -322,10 +329,7 @@ def adam_family(
       return batched_ratios(trust_ratio, pps, uus, dtypes)
 
     def last(i, ratio):
-      u = dirs[i]
-      if ratio is not None:
-        u = u * ratio
-      u = _times_lr_ratio(u, lr_ratio_fn, stacked, named[i][0])
+      u = _times_ratios(dirs[i], ratio, lr_ratio_fn, stacked, named[i][0])
       out_u[i] = jnp.asarray(step, u.dtype) * u
       ratios[i] = ratio
 
@@ -449,10 +453,7 @@ def lars(
       return batched_ratios(trust_ratio, a_sums, p_sums, dtypes)
 
     def last(i, ratio):
-      d = ds[i]
-      if ratio is not None:
-        d = d * ratio
-      d = _times_lr_ratio(d, lr_ratio_fn, stacked, named[i][0])
+      d = _times_ratios(ds[i], ratio, lr_ratio_fn, stacked, named[i][0])
       u = jnp.asarray(step, d.dtype) * d
       new_t = u + momentum * t_leaves[i]
       out_t[i] = new_t
