@@ -301,6 +301,109 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars():
 
 
 # ---------------------------------------------------------------------------
+# LAMB under XLA:CPU's breadth-first schedule: one large direction at a time.
+# ---------------------------------------------------------------------------
+
+
+def _large_tree(seed=0, blocks=4):
+  """Leaves over the window size (``fused._SMALL``) with small ones between."""
+  rng = np.random.default_rng(seed)
+  return {
+    f'block{i}': {
+      'kernel': rng.normal(size=(96, 64)).astype(np.float32),
+      'bias': rng.normal(size=64).astype(np.float32),
+    }
+    for i in range(blocks)
+  }
+
+
+ORDERED_CONFIGS = {
+  name: CONFIGS[name]
+  for name in ('lamb', 'lamb_masks_clamp_ratio', 'lamb_bf16_moments')
+}
+ORDERED_CONFIGS['lamb_stacked'] = lambda f: lj.lamb(
+  1e-2, weight_decay=0.01, stacked=lj.Stacked('layers'), fused=f
+)
+
+
+@pytest.mark.parametrize('nan', [False, True], ids=['finite', 'nan_leaf'])
+@pytest.mark.parametrize('name', sorted(ORDERED_CONFIGS))
+def test_one_direction_at_a_time_changes_no_number(name, nan, monkeypatch):
+  """The ordering is a data dependency through an exact zero: params and
+  state are bit for bit those of the unordered step, and a NaN leaf stays in
+  its leaf (the next leaf depends on its trust ratio)."""
+  params = _large_tree()
+  if name == 'lamb_stacked':  # Stacked leaves: the ratios are vectors.
+    params = {
+      'layers': jax.tree.map(lambda *xs: np.stack(xs), *params.values())
+    }
+    params['head'] = _large_tree(1, blocks=1)['block0']
+  rng = np.random.default_rng(4)
+  grads = [
+    jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params)
+    for _ in range(3)
+  ]
+  first_big = 'layers' if name == 'lamb_stacked' else 'block0'
+  if nan:
+    grads[1][first_big]['kernel'][3, 5] = np.nan
+  params, grads = h.to_jax(params), [h.to_jax(g) for g in grads]
+  calls = []
+  real_after = fused_lib.after
+
+  def counted(x, previous):
+    calls.append(1)
+    return real_after(x, previous)
+
+  monkeypatch.setattr(fused_lib, 'after', counted)
+  runs = {}
+  for ordered in (True, False):
+    monkeypatch.setattr(fused_lib, 'breadth_first', lambda o=ordered: o)
+    runs[ordered] = h.run_steps(ORDERED_CONFIGS[name](True), params, grads)
+    if ordered:  # Every large leaf after the first waits for a ratio.
+      n_ordered = len(calls)
+      assert n_ordered == (1 if name == 'lamb_stacked' else 3)
+  assert len(calls) == n_ordered  # Not ordered: no dependency added.
+  chex.assert_trees_all_equal(runs[True], runs[False])
+  if nan:  # The NaN stays in its leaf.
+    for leaf_name, x in h.names_and_leaves(runs[True][0][-1]):
+      assert np.all(np.isfinite(x)) == (leaf_name != f'{first_big}.kernel')
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason='XLA:CPU schedules breadth first'
+)
+def test_one_direction_at_a_time_keeps_one_temporary(monkeypatch):
+  """What the ordering is for: without it XLA:CPU keeps every large leaf's
+  direction alive at once; with it, one buffer is reused leaf after leaf."""
+  params = h.to_jax(_large_tree())
+  temps = {}
+  for ordered in (True, False):
+    monkeypatch.setattr(fused_lib, 'breadth_first', lambda o=ordered: o)
+    tx = lj.lamb(1e-3, weight_decay=0.01)
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    compiled = step.lower(params, tx.init(params), params).compile()
+    temps[ordered] = compiled.memory_analysis().temp_size_in_bytes
+  leaf_bytes = 96 * 64 * 4
+  assert temps[True] < 1.5 * leaf_bytes + 16 * 1024, temps
+  assert temps[False] >= 3 * leaf_bytes, temps  # The check can fail.
+
+
+@pytest.mark.parametrize(
+  'previous',
+  [2.0, -3.0, 0.0, np.nan, np.inf, -np.inf, [1.0, np.nan], [3e38, 3e38], []],
+)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_after_returns_its_input_bit_for_bit(previous, dtype):
+  x = jnp.asarray([1e-6, 1.5, -0.25, 0.0], dtype)
+  got = jax.jit(fused_lib.after)(x, jnp.asarray(previous, jnp.float32))
+  assert got.dtype == x.dtype
+  np.testing.assert_array_equal(
+    np.asarray(got).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+    np.asarray(x).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+  )
+
+
+# ---------------------------------------------------------------------------
 # lamb(workspace=True): the direction goes into a buffer in the state.
 # ---------------------------------------------------------------------------
 

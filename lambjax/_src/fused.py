@@ -114,6 +114,33 @@ def in_windows(
     run(pending)
 
 
+def breadth_first() -> bool:
+  """Whether XLA schedules this trace breadth first (XLA:CPU does).
+
+  XLA:CPU's default scheduler (``xla_cpu_enable_concurrency_optimized_
+  scheduler``) orders ops by depth: every leaf's LAMB direction ``r`` is
+  computed before any leaf's update, so all of them are alive at once (418
+  MiB of temporary on BERT-base, fresh pages every step). XLA:GPU and TPU
+  schedule for memory themselves.
+  """
+  return jax.default_backend() == 'cpu'
+
+
+def after(x: jax.Array, previous: jax.Array) -> jax.Array:
+  """``x`` unchanged (bitwise), as a value XLA computes after ``previous``.
+
+  Under a breadth-first schedule, making leaf ``i + 1``'s direction depend on
+  leaf ``i``'s trust ratio puts leaf ``i``'s update (which frees its
+  direction) first, so one buffer serves leaf after leaf (benchmarks/
+  RESULTS.md, "One direction at a time"). An optimization barrier would not
+  do: XLA:CPU drops it. The added term is exactly zero, also for a NaN or
+  infinite ``previous``: nothing leaks from one leaf into another.
+  """
+  prev = jnp.sum(previous)
+  zero = jnp.where(jnp.isfinite(prev), prev, 0.0) * 0.0
+  return x + zero.astype(x.dtype)
+
+
 def sumsqs(xs: Sequence[jax.Array], axes: Sequence[int | None]) -> list[Any]:
   """``stacking.sumsq(x, axis)`` of each leaf, small ones in groups.
 
@@ -288,6 +315,10 @@ def adam_family(
     w_leaves = treedef.flatten_up_to(work) if workspace else None
     n = len(g_leaves)
     dirs, out_m, out_v, out_w, out_u, ratios = ([None] * n for _ in range(6))
+    # One large direction at a time (see ``after``); with a workspace there
+    # is no temporary to save.
+    one_at_a_time = trust and not workspace and breadth_first()
+    previous: list[Any] = []  # The last window's trust ratios.
 
     def first(i):
       (name, g), mu, nu, p = named[i], mu_leaves[i], nu_leaves[i], p_leaves[i]
@@ -295,7 +326,12 @@ def adam_family(
       v = (1 - b2) * (g * g) + b2 * nu
       m_hat = m / bc1.astype(m.dtype)
       v_hat = v / bc2.astype(v.dtype)
-      u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      e = eps
+      if previous and np.size(g) > _SMALL:
+        # Through eps, not the bias corrections: XLA then rewrites the
+        # divisions as before and the numbers stay bit for bit the same.
+        e = after(jnp.asarray(eps, v_hat.dtype), previous[-1])
+      u = m_hat / (jnp.sqrt(v_hat + eps_root) + e)
       if decay is not None and decay[i]:
         u = u + weight_decay * p
       if workspace:
@@ -326,7 +362,10 @@ def adam_family(
       pps = sumsqs([p for p, _, _ in entries], axes)
       uus = sumsqs([u for _, u, _ in entries], axes)
       dtypes = [p.dtype for p, _, _ in entries]
-      return batched_ratios(trust_ratio, pps, uus, dtypes)
+      got = batched_ratios(trust_ratio, pps, uus, dtypes)
+      if one_at_a_time:
+        previous[:] = [got[-1]]
+      return got
 
     def last(i, ratio):
       u = _times_ratios(dirs[i], ratio, lr_ratio_fn, stacked, named[i][0])
