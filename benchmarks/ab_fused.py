@@ -67,7 +67,8 @@ def build(opt: str, module):
     alias.fused_lib = current
 
 
-def compile_s(tx, shapes) -> float:
+def compile_s(tx, shapes) -> tuple[float, int]:
+  """Seconds to lower + compile the donated step, and its temp bytes."""
   ps = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   state = jax.eval_shape(tx.init, ps)
 
@@ -76,8 +77,8 @@ def compile_s(tx, shapes) -> float:
     return optax.apply_updates(p, u), s
 
   t0 = time.perf_counter()
-  jax.jit(step, donate_argnums=(0, 1)).lower(ps, state, ps).compile()
-  return time.perf_counter() - t0
+  c = jax.jit(step, donate_argnums=(0, 1)).lower(ps, state, ps).compile()
+  return time.perf_counter() - t0, c.memory_analysis().temp_size_in_bytes
 
 
 def main(argv=None):
@@ -95,10 +96,12 @@ def main(argv=None):
   print(f'# {args.tree} ({len(shapes)} leaves), {args.opt}: {args.rev} vs tree')
 
   compiles = {k: [] for k in impls}
+  temps = {}
   for r in range(args.compiles):
     order = list(impls) if r % 2 == 0 else list(impls)[::-1]
     for k in order:
-      compiles[k].append(compile_s(build(args.opt, impls[k]), shapes))
+      seconds, temps[k] = compile_s(build(args.opt, impls[k]), shapes)
+      compiles[k].append(seconds)
   ratio = statistics.median(
     n / o for n, o in zip(compiles['new'], compiles['old'], strict=True)
   )
@@ -107,6 +110,11 @@ def main(argv=None):
       statistics.median(compiles['old']),
       statistics.median(compiles['new']),
       ratio,
+    )
+  )
+  print(
+    'temp     old {:.1f} MiB  new {:.1f} MiB (compiled.memory_analysis())'.format(
+      temps['old'] / 2**20, temps['new'] / 2**20
     )
   )
 

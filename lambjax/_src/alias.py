@@ -314,10 +314,11 @@ def lamb(
       (:class:`lambjax.WorkspaceState`) and write the direction ``r`` into it
       each step. A speed option for XLA:CPU with a donated state: ``r`` has
       two consumers (its norm and the update), so XLA materialises it, and a
-      fresh temporary there costs page faults every step (BERT-base: ~200
-      instead of ~250 ms per step, benchmarks/RESULTS.md). The numbers are
-      unchanged; the state holds one more params-sized tree (the temporary
-      it replaces was as large). Needs the fast path (static
+      fresh temporary there costs page faults every step. Without the
+      option that temporary is one leaf's (directions are computed one at a
+      time), so the gain is small (BERT-base: ~200 instead of ~220 ms per
+      step, benchmarks/RESULTS.md). The numbers are unchanged; the state
+      holds one more params-sized tree. Needs the fast path (static
       hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on
       GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option made the
       step slower (0.75x) and used more memory.

@@ -12,7 +12,9 @@ materialises each stage's update tree, and ``optax.safe_norm`` reads every
 tensor twice; here norms are one sum of squares with a scalar-level guard, and
 LARS's norms are computed from sums over the inputs only (``‖g + wd p‖² =
 ‖g‖² + 2 wd <g,p> + wd² ‖p‖²``, exact fallback on cancellation), so no
-update-sized temporary is written.
+update-sized temporary is written. LAMB's direction is one; on XLA:CPU its
+large leaves are done one at a time, so that temporary is one leaf's (see
+``after``).
 """
 
 from __future__ import annotations
