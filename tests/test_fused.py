@@ -582,3 +582,23 @@ def test_lars_expanded_norm_near_cancellation_matches_float64(delta):
   np.testing.assert_allclose(
     u['w'], want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
   )
+
+
+def test_lars_recomputes_the_cancelling_leaf_among_several():
+  """One cond guards every large leaf: with one leaf at the weight-decay
+  equilibrium (its expanded norm would lose ~10%) and others not, every
+  update equals float64 numpy."""
+  rng = np.random.default_rng(1)
+  wd, lr, c = 0.01, 0.5, 0.1
+  p = {k: rng.normal(size=(96 + 16 * j, 64)) for j, k in enumerate('abc')}
+  g = {k: rng.normal(size=v.shape) for k, v in p.items()}
+  g['b'] = -wd * p['b'] * (1 - 1e-3) + 1e-5 * wd * rng.normal(size=(112, 64))
+  tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
+  p32, g32 = h.to_jax(p), h.to_jax(g)
+  u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
+  for k in p:
+    d = g[k] + wd * p[k]
+    want = -lr * c * np.linalg.norm(p[k]) / np.linalg.norm(d) * d
+    np.testing.assert_allclose(
+      u[k], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=k
+    )

@@ -401,20 +401,36 @@ def adam_family(
 _EXPAND_MIN_SIZE = 4096
 
 
-def _lars_sums(g, p, wd):
-  """``(‖g + wd p‖², ‖p‖²)`` of a large leaf from sums over the inputs only,
-  with an exact fallback on cancellation (no update-sized temporary)."""
-  gg, pp = _sumsq(g), _sumsq(p)
-  gp = jnp.sum(g * p)
-  scale = gg + (wd * wd) * pp
-  dd = gg + (2 * wd) * gp + (wd * wd) * pp
-  # Relative rounding error of dd is ~eps * scale / dd: recompute directly
-  # when more than ~1e-4 of it would be lost (g close to -wd p).
-  cancel = dd < 1e-3 * scale
-  dd = jax.lax.cond(
-    cancel, lambda: _sumsq(g + wd * p), lambda: jnp.maximum(dd, 0.0)
+def _lars_sums(gs, ps, wd):
+  """``[(‖g + wd p‖², ‖p‖²)]`` of large leaves from sums over the inputs only
+  (no update-sized temporary), with an exact recomputation where one would
+  cancel. One ``lax.cond`` for all the leaves: a cond per leaf cost ~7% of a
+  BERT-base step (benchmarks/RESULTS.md); inside the rare branch each leaf
+  keeps its own, so the numbers are those of a per-leaf check."""
+  expanded, cancels, pps = [], [], []
+  for g, p in zip(gs, ps, strict=True):
+    gg, pp = _sumsq(g), _sumsq(p)
+    gp = jnp.sum(g * p)
+    scale = gg + (wd * wd) * pp
+    dd = gg + (2 * wd) * gp + (wd * wd) * pp
+    # Relative rounding error of dd is ~eps * scale / dd: recompute directly
+    # when more than ~1e-4 of it would be lost (g close to -wd p).
+    cancels.append(dd < 1e-3 * scale)
+    expanded.append(jnp.maximum(dd, 0.0))
+    pps.append(pp)
+  if not expanded:
+    return []
+
+  def exact():
+    return tuple(
+      jax.lax.cond(c, lambda g=g, p=p: _sumsq(g + wd * p), lambda d=d: d)
+      for g, p, c, d in zip(gs, ps, cancels, expanded, strict=True)
+    )
+
+  dds = jax.lax.cond(
+    jnp.any(jnp.stack(cancels)), exact, lambda: tuple(expanded)
   )
-  return dd, pp
+  return list(zip(dds, pps, strict=True))
 
 
 def lars(
@@ -455,22 +471,43 @@ def lars(
     adapt = decay if form == 'paddle' else base.leaf_flags(trust_mask, params)
     n = len(p_leaves)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
+    axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
+    # Large unstacked decayed leaves (optax form): norms from input sums.
+    big = [
+      i
+      for i in range(n)
+      if form != 'paddle'
+      and adapt[i]
+      and decay[i]
+      and weight_decay
+      and axes[i] is None
+      and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
+    ]
+    sums = dict(
+      zip(
+        big,
+        _lars_sums(
+          [named[i][1] for i in big], [p_leaves[i] for i in big], weight_decay
+        ),
+        strict=True,
+      )
+    )
 
     def first(i):
       # What the norms need: ``(a, p, axis, dtype)``, ``a`` the array whose
       # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``; for a large unstacked
-      # decayed leaf, ``a`` is the pair of sums ``(‖d‖², ‖p‖²)`` (computed
-      # here from sums over the inputs) and ``p`` is None.
-      (name, g), p = named[i], p_leaves[i]
+      # decayed leaf, ``a`` is the pair of sums ``(‖d‖², ‖p‖²)`` (from sums
+      # over the inputs, computed above) and ``p`` is None.
+      g, p = named[i][1], p_leaves[i]
       wd = weight_decay if decay[i] else 0.0
       ds[i] = g + wd * p if wd else g
       if not adapt[i]:
         return None
-      axis = stacking.leaf_axis(stacked, name, g.shape)
+      axis = axes[i]
       if form == 'paddle':
         return g, p, axis, p.dtype
-      if axis is None and wd and g.size >= _EXPAND_MIN_SIZE:
-        return _lars_sums(g, p, wd), None, None, p.dtype
+      if i in sums:
+        return sums[i], None, None, p.dtype
       return ds[i], p, axis, p.dtype  # Direct: small, per slice, no decay.
 
     def trust_ratio(a, pp, one):
