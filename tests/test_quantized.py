@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 import lambjax as lj
+from lambjax._src import fused
 from lambjax._src import quantized as q
 from tests import helpers as h
 
@@ -203,3 +205,63 @@ def test_bad_state_8bit_and_inject_hyperparams():
     lj.adamw(1e-3, mu_dtype=jnp.bfloat16, state_8bit=True)
   with pytest.raises(ValueError, match='`nesterov'):
     lj.lars(0.1, nesterov=True, state_8bit=True)
+
+
+# Under XLA:CPU's breadth-first schedule, large leaves one after the other.
+
+
+def _large_tree(seed=0):
+  rng = np.random.default_rng(seed)
+  tree = {f'w{i}': rng.normal(size=(96, 64)) for i in range(4)}
+  tree['bias'] = rng.normal(size=64)
+  return h.to_jax(tree)
+
+
+def test_8bit_leaves_one_at_a_time_change_no_number(monkeypatch):
+  """The ordering adds an exact -0.0: params and 8-bit state are bit for bit
+  those of the unordered step."""
+  params = _large_tree()
+  rng = np.random.default_rng(1)
+  grads = [
+    jax.tree.map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params
+    )
+    for _ in range(3)
+  ]
+  calls = []
+  real_after = fused.after
+
+  def counted(x, previous):
+    calls.append(1)
+    return real_after(x, previous)
+
+  monkeypatch.setattr(fused, 'after', counted)
+  runs = {}
+  for ordered in (True, False):
+    monkeypatch.setattr(fused, 'breadth_first', lambda o=ordered: o)
+    tx = lj.lamb(1e-2, weight_decay=0.01, state_8bit=True)
+    runs[ordered] = h.run_steps(tx, params, grads)
+    if ordered:
+      assert len(calls) == 3  # Every large leaf after the first waits.
+  assert len(calls) == 3  # Not ordered: no dependency added.
+  chex.assert_trees_all_equal(runs[True], runs[False])
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason='XLA:CPU schedules breadth first'
+)
+def test_8bit_leaves_one_at_a_time_shrink_the_temporary(monkeypatch):
+  """What the ordering is for: XLA:CPU keeps fewer leaves' float32 moments
+  alive at once."""
+  params = _large_tree()
+  temps = {}
+  for ordered in (True, False):
+    monkeypatch.setattr(fused, 'breadth_first', lambda o=ordered: o)
+    tx = lj.lamb(1e-3, weight_decay=0.01, state_8bit=True)
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    compiled = step.lower(params, tx.init(params), params).compile()
+    temps[ordered] = compiled.memory_analysis().temp_size_in_bytes
+  # Fewer float32 moments alive at once: at least two leaves' m and v less
+  # (measured: 285 KB vs 446 KB, a leaf is 24 KB).
+  leaf_bytes = 96 * 64 * 4
+  assert temps[False] - temps[True] >= 4 * leaf_bytes, temps

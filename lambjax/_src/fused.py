@@ -116,6 +116,11 @@ def in_windows(
     run(pending)
 
 
+def is_large(x) -> bool:
+  """More than ``_SMALL`` elements: a leaf done on its own."""
+  return np.size(x) > _SMALL
+
+
 def breadth_first() -> bool:
   """Whether XLA schedules this trace breadth first (XLA:CPU does).
 
@@ -325,7 +330,7 @@ def adam_family(
 
     def first(i):
       (name, g), mu, nu, p = named[i], mu_leaves[i], nu_leaves[i], p_leaves[i]
-      gate = previous and np.size(g) > _SMALL
+      gate = previous and is_large(g)
       if gate and (mu.dtype != g.dtype or nu.dtype != g.dtype):
         # Moments stored in another dtype: the float32 m and v are temporaries
         # as well, so they wait too (BERT-base, bf16 moments: temp 505 -> 306
