@@ -134,7 +134,10 @@ def breadth_first() -> bool:
 
 
 def after(x: jax.Array, previous: jax.Array) -> jax.Array:
-  """``x`` unchanged (bitwise), as a value XLA computes after ``previous``.
+  """``x`` unchanged, as a value XLA computes after ``previous``.
+
+  Unchanged bit for bit, -0.0 included; a NaN stays a NaN, though the
+  backend's add may give it its canonical payload (XLA:GPU's does).
 
   Under a breadth-first schedule, making leaf ``i + 1``'s direction depend on
   leaf ``i``'s trust ratio puts leaf ``i``'s update (which frees its
