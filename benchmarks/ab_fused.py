@@ -11,6 +11,12 @@ An A/A run (``--rev`` equal to the working tree) of this harness has read
 
     python benchmarks/ab_fused.py --rev HEAD~1 --tree bert --opt lamb
     python benchmarks/ab_fused.py --rev HEAD~1 --tree many_small --n 500
+
+Where the checkout has no git history (the device machine), save the old
+module first and pass it as a file; on an accelerator time 20 steps a round:
+
+    git show HEAD~1:lambjax/_src/fused.py > /tmp/fused_old.py
+    python benchmarks/ab_fused.py --old-file /tmp/fused_old.py --inner 20
 """
 
 from __future__ import annotations
@@ -42,15 +48,19 @@ OPTS = {
 }
 
 
-def fused_at(rev: str):
-  root = pathlib.Path(__file__).resolve().parents[1]
-  src = subprocess.run(
-    ['git', 'show', f'{rev}:lambjax/_src/fused.py'],
-    capture_output=True,
-    text=True,
-    check=True,
-    cwd=root,
-  ).stdout
+def fused_at(rev: str, old_file: str | None = None):
+  """``fused.py`` at ``rev`` (or read from ``old_file``) as a module."""
+  if old_file is not None:
+    src = pathlib.Path(old_file).read_text()
+  else:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+      ['git', 'show', f'{rev}:lambjax/_src/fused.py'],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=root,
+    ).stdout
   spec = importlib.util.spec_from_loader('lambjax._src.fused_ab', loader=None)
   mod = importlib.util.module_from_spec(spec)
   exec(compile(src, f'fused.py@{rev}', 'exec'), mod.__dict__)
@@ -89,11 +99,23 @@ def main(argv=None):
   ap.add_argument('--opt', default='lamb', choices=sorted(OPTS))
   ap.add_argument('--rounds', type=int, default=15)
   ap.add_argument('--compiles', type=int, default=3)
+  ap.add_argument('--old-file', default=None, help='old fused.py (no git)')
+  ap.add_argument(
+    '--inner',
+    type=int,
+    default=None,
+    help='steps per round (default 1 on CPU, 20 on an accelerator)',
+  )
   args = ap.parse_args(argv)
   shapes = TREES[args.tree]() if args.n is None else TREES[args.tree](args.n)
-  old = fused_at(args.rev)
+  old = fused_at(args.rev, args.old_file)
+  inner = args.inner or (1 if jax.default_backend() == 'cpu' else 20)
   impls = {'old': old, 'new': new_fused}
-  print(f'# {args.tree} ({len(shapes)} leaves), {args.opt}: {args.rev} vs tree')
+  print(
+    f'# {args.tree} ({len(shapes)} leaves), {args.opt}: '
+    f'{args.old_file or args.rev} vs tree; {jax.default_backend()}, '
+    f'{inner} step(s) a round'
+  )
 
   compiles = {k: [] for k in impls}
   temps = {}
@@ -127,11 +149,11 @@ def main(argv=None):
   ratios, roofs = [], []
   for r in range(args.rounds):
     order = list(runners) if r % 2 else list(runners)[::-1]
-    t = {k: runners[k].run() for k in order}
+    t = {k: runners[k].run(inner) for k in order}
     for k in t:
       times[k].append(t[k])
     ratios.append(t['old'] / t['new'])
-    roofs.append(roof.run())
+    roofs.append(roof.run(inner))
   for k, ts in times.items():
     med = statistics.median(ts)
     print(

@@ -567,10 +567,15 @@ def test_workspace_bad_inputs(kw, pattern):
     lj.lamb(1e-3, **kw)
 
 
+@pytest.mark.parametrize('expand', [True, False], ids=['expanded', 'direct'])
 @pytest.mark.parametrize('delta', [1e-3, 3e-3, 0.03, 0.1, 0.3, 1.0, 10.0, -3.0])
-def test_lars_expanded_norm_near_cancellation_matches_float64(delta):
+def test_lars_expanded_norm_near_cancellation_matches_float64(
+  delta, expand, monkeypatch
+):
   """g = -wd p (1 - delta) + noise: ‖g + wd p‖ is a small part of ‖g‖ and
-  wd ‖p‖ near delta = 0; the first step equals float64 numpy to 1e-4."""
+  wd ‖p‖ near delta = 0; the first step equals float64 numpy to 1e-4, from
+  input sums (XLA:CPU's form) and from ``d`` itself (the accelerators')."""
+  monkeypatch.setattr(fused_lib, 'materialises_shared', lambda: expand)
   rng = np.random.default_rng(0)
   wd, lr, c = 0.01, 0.5, 0.1
   p = rng.normal(size=(128, 64))
@@ -588,10 +593,12 @@ def test_lars_expanded_norm_near_cancellation_matches_float64(delta):
   )
 
 
-def test_lars_recomputes_the_cancelling_leaf_among_several():
+@pytest.mark.parametrize('expand', [True, False], ids=['expanded', 'direct'])
+def test_lars_recomputes_the_cancelling_leaf_among_several(expand, monkeypatch):
   """One cond guards every large leaf: with one leaf at the weight-decay
   equilibrium (its expanded norm would lose ~10%) and others not, every
-  update equals float64 numpy."""
+  update equals float64 numpy; so does the direct norm (no cond)."""
+  monkeypatch.setattr(fused_lib, 'materialises_shared', lambda: expand)
   rng = np.random.default_rng(1)
   wd, lr, c = 0.01, 0.5, 0.1
   p = {k: rng.normal(size=(96 + 16 * j, 64)) for j, k in enumerate('abc')}
@@ -599,6 +606,8 @@ def test_lars_recomputes_the_cancelling_leaf_among_several():
   g['b'] = -wd * p['b'] * (1 - 1e-3) + 1e-5 * wd * rng.normal(size=(112, 64))
   tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
   p32, g32 = h.to_jax(p), h.to_jax(g)
+  jaxpr = str(jax.make_jaxpr(tx.update)(g32, tx.init(p32), p32))
+  assert ('cond[' in jaxpr) == expand
   u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
   for k in p:
     d = g[k] + wd * p[k]
