@@ -176,3 +176,29 @@ def run_numpy(step_fn, init_fn, params, grads_list):
     p = map_named(lambda n, x, gg, s, t=t: step_fn(n, x, gg, s, t), p, g, state)
     traj.append(p)
   return traj
+
+
+def ordered_and_unordered_runs(
+  monkeypatch, fused_module, make_tx, params, grads_list
+):
+  """``run_steps`` with ``fused_module.breadth_first`` forced on, then off.
+
+  Returns ``(runs, calls)``: ``runs[ordered]`` the trajectory, ``calls[ordered]``
+  how many times ``fused_module.after`` (the ordering dependency) was called
+  while tracing that run.
+  """
+  count = [0]
+  real_after = fused_module.after
+
+  def counted(x, previous):
+    count[0] += 1
+    return real_after(x, previous)
+
+  monkeypatch.setattr(fused_module, 'after', counted)
+  runs, calls = {}, {}
+  for ordered in (True, False):
+    monkeypatch.setattr(fused_module, 'breadth_first', lambda o=ordered: o)
+    before = count[0]
+    runs[ordered] = run_steps(make_tx(), params, grads_list)
+    calls[ordered] = count[0] - before
+  return runs, calls

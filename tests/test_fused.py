@@ -347,24 +347,14 @@ def test_one_direction_at_a_time_changes_no_number(name, nan, monkeypatch):
   if nan:
     grads[1][first_big]['kernel'][3, 5] = np.nan
   params, grads = h.to_jax(params), [h.to_jax(g) for g in grads]
-  calls = []
-  real_after = fused_lib.after
-
-  def counted(x, previous):
-    calls.append(1)
-    return real_after(x, previous)
-
-  monkeypatch.setattr(fused_lib, 'after', counted)
-  runs = {}
-  for ordered in (True, False):
-    monkeypatch.setattr(fused_lib, 'breadth_first', lambda o=ordered: o)
-    runs[ordered] = h.run_steps(ORDERED_CONFIGS[name](True), params, grads)
-    if ordered:  # Every large leaf after the first waits for a ratio.
-      n_ordered = len(calls)
-      waiting = 1 if name == 'lamb_stacked' else 3
-      # bf16 moments: the gradient waits too (the f32 moments are temporaries).
-      assert n_ordered == waiting * (2 if 'bf16' in name else 1)
-  assert len(calls) == n_ordered  # Not ordered: no dependency added.
+  runs, calls = h.ordered_and_unordered_runs(
+    monkeypatch, fused_lib, lambda: ORDERED_CONFIGS[name](True), params, grads
+  )
+  # Every large leaf after the first waits for a ratio; with bf16 moments the
+  # gradient waits too (the f32 moments are temporaries).
+  waiting = 1 if name == 'lamb_stacked' else 3
+  assert calls[True] == waiting * (2 if 'bf16' in name else 1)
+  assert calls[False] == 0  # Not ordered: no dependency added.
   chex.assert_trees_all_equal(runs[True], runs[False])
   if nan:  # The NaN stays in its leaf.
     for leaf_name, x in h.names_and_leaves(runs[True][0][-1]):

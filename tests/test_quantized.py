@@ -228,22 +228,14 @@ def test_8bit_leaves_one_at_a_time_change_no_number(monkeypatch):
     )
     for _ in range(3)
   ]
-  calls = []
-  real_after = fused.after
-
-  def counted(x, previous):
-    calls.append(1)
-    return real_after(x, previous)
-
-  monkeypatch.setattr(fused, 'after', counted)
-  runs = {}
-  for ordered in (True, False):
-    monkeypatch.setattr(fused, 'breadth_first', lambda o=ordered: o)
-    tx = lj.lamb(1e-2, weight_decay=0.01, state_8bit=True)
-    runs[ordered] = h.run_steps(tx, params, grads)
-    if ordered:
-      assert len(calls) == 3  # Every large leaf after the first waits.
-  assert len(calls) == 3  # Not ordered: no dependency added.
+  runs, calls = h.ordered_and_unordered_runs(
+    monkeypatch,
+    fused,
+    lambda: lj.lamb(1e-2, weight_decay=0.01, state_8bit=True),
+    params,
+    grads,
+  )
+  assert calls == {True: 3, False: 0}  # Every large leaf after the first.
   chex.assert_trees_all_equal(runs[True], runs[False])
 
 
