@@ -49,8 +49,8 @@ def packed(
     )
     return leaves, treedef, small, dtypes
 
-  def pack(state, params):
-    _, _, small, dtypes = layout(params)
+  def pack(state, lay):
+    _, _, small, dtypes = lay
     leaves = jax.tree.leaves(state)
     flat = {
       d: jnp.concatenate(
@@ -65,8 +65,8 @@ def packed(
     big = [x for x, s in zip(leaves, small, strict=True) if not s]
     return {'flat': flat, 'big': big}
 
-  def unpack(state, params):
-    leaves, treedef, small, _ = layout(params)
+  def unpack(state, lay):
+    leaves, treedef, small, _ = lay
     offsets = dict.fromkeys(state['flat'], 0)
     big = iter(state['big'])
     out = []
@@ -80,11 +80,12 @@ def packed(
     return jax.tree.unflatten(treedef, out)
 
   def init(params):
-    return pack(tx.init(params), params)
+    return pack(tx.init(params), layout(params))
 
   def update(updates, state, params=None):
-    updates, inner = tx.update(updates, unpack(state, params), params)
-    return updates, pack(inner, params)
+    lay = layout(params)  # Static: shapes and dtypes only.
+    updates, inner = tx.update(updates, unpack(state, lay), params)
+    return updates, pack(inner, lay)
 
   return optax.GradientTransformation(init, update)
 

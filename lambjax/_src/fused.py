@@ -495,17 +495,17 @@ def lars(
     n = len(p_leaves)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
     axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
-    # Large unstacked decayed leaves (optax form): norms from input sums.
+    # Large unstacked decayed leaves (optax form, XLA:CPU): norms from input
+    # sums.
+    expand = form != 'paddle' and weight_decay and materialises_shared()
     big = [
       i
       for i in range(n)
-      if form != 'paddle'
+      if expand
       and adapt[i]
       and decay[i]
-      and weight_decay
       and axes[i] is None
       and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
-      and materialises_shared()
     ]
     sums = dict(
       zip(
