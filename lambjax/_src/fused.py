@@ -10,11 +10,11 @@ the chain otherwise (a weight-decay schedule, Nesterov Adam).
 Why it is faster on XLA:CPU (see benchmarks/RESULTS.md): the chain
 materialises each stage's update tree, and ``optax.safe_norm`` reads every
 tensor twice; here norms are one sum of squares with a scalar-level guard, and
-LARS's norms are computed from sums over the inputs only (``‖g + wd p‖² =
-‖g‖² + 2 wd <g,p> + wd² ‖p‖²``, exact fallback on cancellation), so no
-update-sized temporary is written. LAMB's direction is one; on XLA:CPU its
-large leaves are done one at a time, so that temporary is one leaf's (see
-``after``).
+LARS's norm of ``d = g + wd p`` reads ``g`` and ``p`` without writing ``d``
+(``norm_operand``; for conv kernels sums over the inputs, ``‖g‖² + 2 wd
+<g,p> + wd² ‖p‖²``, exact fallback on cancellation), so no update-sized
+temporary is written. LAMB's direction is one; on XLA:CPU its large leaves
+are done one at a time, so that temporary is one leaf's (see ``after``).
 """
 
 from __future__ import annotations
@@ -137,12 +137,13 @@ def materialises_shared() -> bool:
   """Whether XLA writes out an elementwise value read by two fusions.
 
   XLA:CPU does: LARS's ``d = g + wd p``, read by its norm and by the update,
-  becomes an update-sized temporary, so there LARS takes ``‖d‖²`` from sums
-  over ``g`` and ``p`` instead. XLA:GPU recomputes ``d`` inside each fusion
-  (no temporary); there the direct norm, exact and so with no ``lax.cond``
+  becomes an update-sized temporary, so there LARS's norm reads ``g`` and
+  ``p`` instead (``norm_operand``; sums over them for conv kernels,
+  ``_lars_sums``). XLA:GPU recomputes ``d`` inside each fusion (no
+  temporary); there the direct norm, exact and so with no ``lax.cond``
   guard, steps 1.05x faster than the guarded sums on BERT-base (ResNet-50
   1.07x) and compiles in 0.63-0.66 of the time (H100, benchmarks/RESULTS.md).
-  Only XLA:CPU takes the sums (TPUs, not measured, fuse as GPUs do).
+  Only XLA:CPU takes these forms (TPUs, not measured, fuse as GPUs do).
   """
   return jax.default_backend() == 'cpu'
 
@@ -426,10 +427,11 @@ _EXPAND_MIN_SIZE = 4096
 def _lars_sums(gs, ps, wd):
   """``[(‖g + wd p‖², ‖p‖²)]`` of large leaves from sums over the inputs only
   (no update-sized temporary), with an exact recomputation where one would
-  cancel; XLA:CPU only (``materialises_shared``). One ``lax.cond`` for all
-  the leaves: a cond per leaf cost ~7% of a BERT-base step there
-  (benchmarks/RESULTS.md); inside the rare branch each leaf keeps its own,
-  so the numbers are those of a per-leaf check."""
+  cancel; on XLA:CPU (``materialises_shared``) for conv kernels, whose
+  shapes make YNN's fused ``‖g - (-wd) p‖²`` 2-4x slower than these sums.
+  One ``lax.cond`` for all the leaves: a cond per leaf cost ~7% of a
+  BERT-base step there (benchmarks/RESULTS.md); inside the rare branch each
+  leaf keeps its own, so the numbers are those of a per-leaf check."""
   expanded, cancels, pps = [], [], []
   for g, p in zip(gs, ps, strict=True):
     gg, pp = _sumsq(g), _sumsq(p)
@@ -454,6 +456,23 @@ def _lars_sums(gs, ps, wd):
     jnp.any(jnp.stack(cancels)), exact, lambda: tuple(expanded)
   )
   return list(zip(dds, pps, strict=True))
+
+
+def norm_operand(g: jax.Array, p: jax.Array, wd: float) -> jax.Array:
+  """LARS's ``d = g + wd p`` spelled for its norm alone; the same value.
+
+  The update reads ``d`` too. Spelled alike, XLA's CSE merges the two and
+  XLA:CPU writes ``d`` out as an update-sized temporary (a value read by two
+  fusions); spelled apart, the norm's fusion computes ``d`` from ``g`` and
+  ``p`` itself: 3 array reads for both norms where the sums over the inputs
+  (``_lars_sums``) take 4 and a guard (BERT-base step 1.1x faster,
+  benchmarks/RESULTS.md). ``-wd`` is made this leaf's own scalar: a
+  constant's broadcast would be shared by same-shape leaves, and XLA:CPU
+  writes a shared broadcast out in full. ``g - (-wd) p`` is ``g + wd p``
+  exactly (``(-wd) p = -(wd p)``; ``after`` adds an exact ``-0.0``).
+  """
+  neg_wd = after(jnp.asarray(-wd, p.dtype), _sumsq(p))
+  return g - neg_wd * p
 
 
 def lars(
@@ -495,10 +514,10 @@ def lars(
     n = len(p_leaves)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
     axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
-    # Large unstacked decayed leaves (optax form, XLA:CPU): norms from input
-    # sums.
+    # Large unstacked decayed leaves (optax form, XLA:CPU): a norm that does
+    # not make XLA write ``d`` out.
     expand = form != 'paddle' and weight_decay and materialises_shared()
-    big = [
+    large = [
       i
       for i in range(n)
       if expand
@@ -507,6 +526,11 @@ def lars(
       and axes[i] is None
       and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
     ]
+    # Matrices and vectors: the norm of ``d`` spelled apart (``norm_operand``,
+    # 3 array reads); conv kernels: sums over the inputs (4 reads, which YNN
+    # runs faster than the fused ``d`` on their shapes).
+    spelled = {i for i in large if np.ndim(p_leaves[i]) <= 2}
+    big = [i for i in large if i not in spelled]
     sums = dict(
       zip(
         big,
@@ -532,6 +556,8 @@ def lars(
         return g, p, axis, p.dtype
       if i in sums:
         return sums[i], None, None, p.dtype
+      if i in spelled:
+        return norm_operand(g, p, weight_decay), p, None, p.dtype
       return ds[i], p, axis, p.dtype  # Direct: small, per slice, no decay.
 
     def trust_ratio(a, pp, one):
