@@ -142,6 +142,12 @@ OPTS = {
     lambda: lj.lamb(1e-3, weight_decay=0.01, workspace=True),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
   ),
+  # Small state arrays in one buffer per dtype: for accelerators (a per-leaf
+  # GPU step is bound by the host's per-buffer cost); costs on CPU.
+  'lamb_packed': (
+    lambda: lj.with_packed_state(lj.lamb(1e-3, weight_decay=0.01)),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
   'lamb_8bit': (
     lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
     lambda: optax.lamb(1e-3, weight_decay=0.01),

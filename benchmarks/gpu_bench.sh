@@ -22,9 +22,9 @@ part() {  # name seconds args...
   timeout "$secs" python3 $B --json "$OUT/$name.json" "$@" 2>&1 \
     | tee "$OUT/$name.log"
 }
-part bert_core 200 --trees bert --opts lamb,lamb_workspace,lars,adamw,adam
+part bert_core 240 --trees bert --opts lamb,lamb_packed,lamb_workspace,lars,adamw,adam
 part bert_rest 150 --trees bert --no-rss \
   --opts lamb_8bit,lamb_bf16,adamw_dl,paddle.Lamb,paddle.LarsMomentum,paddle.AdamW,paddle.Adam,paddle.AdamWDL
 part resnet 100 --trees resnet50 --no-rss \
-  --opts lamb,lamb_workspace,lars,paddle.LarsMomentum,adamw,adam
+  --opts lamb,lamb_packed,lamb_workspace,lars,paddle.LarsMomentum,adamw,adam
 part small 110 --trees many_small --opts lamb,lars,adam --rounds 5 --no-rss

@@ -24,6 +24,9 @@ from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
 from lambjax._src.names import mask_by_name as mask_by_name
 from lambjax._src.names import tree_names as tree_names
+from lambjax._src.packing import PackedState as PackedState
+from lambjax._src.packing import unpack_state as unpack_state
+from lambjax._src.packing import with_packed_state as with_packed_state
 from lambjax._src.quantized import QuantizedAdamState as QuantizedAdamState
 from lambjax._src.quantized import QuantizedTensor as QuantizedTensor
 from lambjax._src.quantized import QuantizedTraceState as QuantizedTraceState

@@ -162,6 +162,34 @@ CASES = [
     r'`max_consecutive_errors`.*1\.5',
   ),
   (
+    'with_packed_state',
+    lambda: lj.with_packed_state(lj.lamb(0.1), max_size=0),
+    ValueError,
+    r'`max_size`.*0',
+  ),
+  (
+    'with_packed_state',
+    lambda: lj.with_packed_state(lj.lamb(0.1), max_size=2.5),
+    ValueError,
+    r'`max_size`.*2\.5',
+  ),
+  (
+    'with_packed_state',
+    lambda: lj.with_packed_state(lj.lamb(0.1)).update(
+      PARAMS, lj.lamb(0.1).init(PARAMS), PARAMS
+    ),
+    ValueError,
+    r'PackedState.*got tuple',
+  ),
+  (
+    'unpack_state',
+    lambda: lj.unpack_state(
+      lj.with_packed_state(lj.lamb(0.1)).init(PARAMS)._replace(buffers={})
+    ),
+    ValueError,
+    r'not in the state.s buffers \(none\)',
+  ),
+  (
     'apply_if_finite',
     lambda: lj.apply_if_finite('adam', 1),
     ValueError,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lambjax._src import base, transform
+from lambjax._src import base, packing, transform
 
 
 class DiagnosticsState(NamedTuple):
@@ -153,7 +153,7 @@ def diagnostics(opt_state: Any) -> dict[str, jax.Array]:
     ['global_grad_norm', 'grad_norm/w', 'param_norm/w', 'trust_ratio/w',
      'update_norm/w']
   """
-  nodes = _nodes(opt_state)
+  nodes = _nodes(packing.unpack_state(opt_state))
   if not nodes:
     raise ValueError(
       'diagnostics: this optimizer state records no diagnostics; build the '

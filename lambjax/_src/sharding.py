@@ -10,9 +10,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lambjax._src import packing
+
 
 def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
+  """A leafless node that stays as it is: optax's masked-out node, or a
+  packed array's slot (``with_packed_state``; its buffer is replicated)."""
+  return isinstance(x, optax.MaskedNode | packing.PackedSlot)
 
 
 def _mesh_of(params_sharding) -> Any:
