@@ -231,6 +231,36 @@ def test_flax_train_state():
   chex.assert_trees_all_equal(ts.params, want[0])
 
 
+def test_keys_and_integer_arrays_in_the_state():
+  """Typed PRNG keys stay in place; integer arrays get their own buffer."""
+
+  def init(params):
+    return {'key': jax.random.key(0), 'steps': jnp.zeros((2,), jnp.int32)}
+
+  def update(updates, state, params=None):
+    key, sub = jax.random.split(state['key'])
+    noise = jax.tree.map(
+      lambda u: jax.random.normal(sub, u.shape, u.dtype), updates
+    )
+    new = {'key': key, 'steps': state['steps'] + 1}
+    return jax.tree.map(jnp.add, updates, noise), new
+
+  plain = optax.GradientTransformation(init, update)
+  tx = lj.with_packed_state(plain)
+  p = {'w': jnp.ones(3)}
+  state = tx.init(p)
+  assert sorted(state.buffers) == ['int32']
+  u, state = jax.jit(tx.update)(p, state)
+  want, want_state = jax.jit(plain.update)(p, plain.init(p))
+  chex.assert_trees_all_equal(u, want)
+  got_state = lj.unpack_state(state)
+  np.testing.assert_array_equal(got_state['steps'], want_state['steps'])
+  np.testing.assert_array_equal(
+    jax.random.key_data(got_state['key']),
+    jax.random.key_data(want_state['key']),
+  )
+
+
 def test_a_state_that_changes_dtype_is_refused():
   def init(params):
     return {'m': jnp.zeros((3,), jnp.float32)}

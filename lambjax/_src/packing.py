@@ -127,7 +127,13 @@ def _pack(state: Any, template: Any, max_size: int | None) -> PackedState:
   for x, kind in zip(leaves, kinds, strict=True):
     shape = tuple(np.shape(x))
     if template is None:
-      pack = len(shape) > 0 and 0 < np.prod(shape) <= max_size
+      # Not PRNG keys and other extended dtypes: they do not concatenate
+      # with plain arrays, and are never many.
+      pack = (
+        len(shape) > 0
+        and 0 < np.prod(shape) <= max_size
+        and not jnp.issubdtype(jnp.result_type(x), jax.dtypes.extended)
+      )
     else:
       pack = _is_slot(kind)
     if not pack:
@@ -162,13 +168,14 @@ def with_packed_state(
   of the buffers (static slices), runs ``tx.update`` and concatenates the
   new arrays back. In the tests the params come out bit for bit those of
   ``tx`` alone; a stored moment can differ by a rounding where XLA
-  recomputes it inside the concatenation (FMA contraction). What changes is the number of buffers a
-  step passes: on a GPU, where a per-leaf step is bound by the host issuing
-  it, packing the moments of arrays of at most 1 M elements made
-  ``lj.lamb`` on BERT-base 1.7x faster and ResNet-50 2.4x (H100,
-  benchmarks/RESULTS.md, "Packing the optimizer state"). On XLA:CPU the
-  concatenation is a real copy and it only costs (0.5-0.96x): use it on
-  accelerators. Large arrays stay separate (a big moment's copy would cost
+  recomputes it inside the concatenation (FMA contraction).
+
+  What changes is the number of buffers a step passes: on a GPU, where a
+  per-leaf step is bound by the host issuing it, packing the moments of
+  arrays of at most 1 M elements made ``lj.lamb`` on BERT-base 1.7x faster
+  and ResNet-50 2.4x (H100, benchmarks/RESULTS.md, "Packing the optimizer
+  state"). On XLA:CPU the concatenation is a real copy and it only costs
+  (0.3-0.99x): use it on accelerators. Large arrays stay separate (a big moment's copy would cost
   more than its buffer does), so do scalars (counts and learning rates,
   which :func:`lambjax.get_lr` and :func:`lambjax.set_lr` find as before).
 
