@@ -282,6 +282,28 @@ def test_grad_through_update_is_finite_at_zero_norms(name):
   chex.assert_tree_all_finite(grads)
 
 
+@pytest.mark.parametrize('name', ['lamb', 'lars', 'lars_paddle'])
+def test_grad_through_update_of_large_leaves_equals_chain(name):
+  """Meta-gradients through the large-leaf forms (LARS's spelled norm and
+  its guarded sums, LAMB's ordered directions) equal the chain's."""
+  rng = np.random.default_rng(3)
+  shapes = {'w': (80, 64), 'conv': (16, 16, 5, 5), 'b': (64,)}
+  params = h.to_jax({k: rng.normal(size=v) for k, v in shapes.items()})
+  g = h.to_jax({k: rng.normal(size=v) * 0.1 for k, v in shapes.items()})
+  got = []
+  for fused in (True, False):
+    tx = CONFIGS[name](fused)
+
+    def loss(params, tx=tx):
+      u, _ = tx.update(g, tx.init(params), params)
+      new = optax.apply_updates(params, u)
+      return sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(new))
+
+    got.append(jax.jit(jax.grad(loss))(params))
+  chex.assert_tree_all_finite(got[0])
+  chex.assert_trees_all_close(got[0], got[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
   'shapes',
   [
