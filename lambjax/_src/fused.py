@@ -403,6 +403,15 @@ def adam_family(
       u = _times_ratios(dirs[i], ratio, lr_ratio_fn, stacked, named[i][0])
       out_u[i] = jnp.asarray(step, u.dtype) * u
       ratios[i] = ratio
+      g = named[i][1]
+      if one_at_a_time and ratio is not None and is_large(g):
+        # Moments stored in another dtype: the direction re-reads the old
+        # stored moments, which the new ones overwrite in place (donated);
+        # written after the trust ratio, they are written after that read,
+        # and XLA needs no copy of the old ones first.
+        for out in (out_m, out_v):
+          if out[i].dtype != g.dtype:
+            out[i] = after(out[i], ratio)
 
     in_windows([np.size(x) for x in g_leaves], first, window_ratios, last)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
