@@ -539,12 +539,14 @@ def lars(
     # 3 array reads); conv kernels: sums over the inputs (4 reads, which YNN
     # runs faster than the fused ``d`` on their shapes).
     spelled = {i for i in large if np.ndim(p_leaves[i]) <= 2}
-    big = [i for i in large if i not in spelled]
+    summed = [i for i in large if i not in spelled]
     sums = dict(
       zip(
-        big,
+        summed,
         _lars_sums(
-          [named[i][1] for i in big], [p_leaves[i] for i in big], weight_decay
+          [named[i][1] for i in summed],
+          [p_leaves[i] for i in summed],
+          weight_decay,
         ),
         strict=True,
       )

@@ -175,9 +175,10 @@ def with_packed_state(
   arrays of at most 1 M elements made ``lj.lamb`` on BERT-base 1.7x faster
   and ResNet-50 2.4x (H100, benchmarks/RESULTS.md, "Packing the optimizer
   state"). On XLA:CPU the concatenation is a real copy and it only costs
-  (0.3-0.99x): use it on accelerators. Large arrays stay separate (a big moment's copy would cost
-  more than its buffer does), so do scalars (counts and learning rates,
-  which :func:`lambjax.get_lr` and :func:`lambjax.set_lr` find as before).
+  (0.3-0.99x): use it on accelerators. Large arrays stay separate (a big
+  moment's copy would cost more than its buffer does), so do scalars (counts
+  and learning rates, which :func:`lambjax.get_lr` and
+  :func:`lambjax.set_lr` find as before).
 
   The state is a :class:`PackedState`; :func:`unpack_state` gives the
   inner layout back. :func:`lambjax.state_dict` and the other state I/O
