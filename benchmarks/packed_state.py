@@ -10,10 +10,10 @@ its small state arrays are one flat buffer per dtype: the step unpacks them
 (static slices and reshapes), runs the inner update and packs the new state
 (one concatenate per dtype), so the params' layout and the maths are
 untouched. (The first runs, recorded in RESULTS.md, used this script's own
-copy of the same mechanism, before it became ``lj.with_packed_state``.) This script times the
-wrapped and plain steps side by side (one process, interleaved rounds, median
-of per-round ratios, the same 4-read-3-write roof as ``bench_step.py``) and
-checks the params agree.
+copy of the same mechanism, before it became ``lj.with_packed_state``.)
+This script times the wrapped and plain steps side by side (one process,
+interleaved rounds, median of per-round ratios, the same 4-read-3-write roof
+as ``bench_step.py``) and checks the params agree.
 
     python benchmarks/packed_state.py --tree bert --rounds 11 \
       --opts lamb,optax.lamb,lars,adamw --max-sizes 65536,1048576,inf
