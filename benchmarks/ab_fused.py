@@ -43,6 +43,8 @@ OPTS = {
     1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
   ),
   'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
+  'adamw': lambda: lj.adamw(1e-3, weight_decay=0.01),
+  'adam': lambda: lj.adam(1e-3),
   'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3, 0.01),
   'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
 }
