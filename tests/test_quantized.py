@@ -257,3 +257,18 @@ def test_8bit_leaves_one_at_a_time_shrink_the_temporary(monkeypatch):
   # (measured: 285 KB vs 446 KB, a leaf is 24 KB).
   leaf_bytes = 96 * 64 * 4
   assert temps[False] - temps[True] >= 4 * leaf_bytes, temps
+
+
+@pytest.mark.parametrize(
+  'make', [lambda: lj.scale_by_adam_8bit(), lambda: lj.trace_8bit(0.9)]
+)
+def test_8bit_leaves_are_traced_once_per_signature(make):
+  """Leaves of one shape share one traced per-leaf function (inlined by
+  XLA) instead of each tracing its quantisation ops."""
+  params = {f'w{i:02d}': jnp.full((300,), i + 1.0) for i in range(12)}
+  tx = make()
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(params, state)
+  calls = [e for e in jaxpr.eqns if e.params.get('name') == 'leaf']
+  assert len(calls) == len(params)
+  assert len({id(e.params['jaxpr']) for e in calls}) == 1

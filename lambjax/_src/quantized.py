@@ -149,18 +149,21 @@ def scale_by_adam_8bit(
       nu=jax.tree.map(lambda p: _zeros(p, quantize_positive), params),
     )
 
+  # Jitted once per transformation: traced once per leaf shape and dtype,
+  # not op by op for every leaf, and inlined by XLA (the same program).
+  @jax.jit
+  def leaf(g, mq, vq, bc1, bc2):
+    g32 = g.astype(jnp.float32)
+    m = (1 - b1) * g32 + b1 * dequantize_signed(mq)
+    v = (1 - b2) * g32 * g32 + b2 * dequantize_positive(vq)
+    u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
+    return u.astype(g.dtype), quantize_signed(m), quantize_positive(v)
+
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
     bc1 = 1 - b1 ** count.astype(jnp.float32)
     bc2 = 1 - b2 ** count.astype(jnp.float32)
-
-    def leaf(g, mq, vq):
-      g32 = g.astype(jnp.float32)
-      m = (1 - b1) * g32 + b1 * dequantize_signed(mq)
-      v = (1 - b2) * g32 * g32 + b2 * dequantize_positive(vq)
-      u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-      return u.astype(g.dtype), quantize_signed(m), quantize_positive(v)
 
     g_leaves, treedef = jax.tree.flatten(updates)
     # Under XLA:CPU's breadth-first schedule every leaf's float32 moments
@@ -177,7 +180,7 @@ def scale_by_adam_8bit(
       large = ordered and fused.is_large(g)
       if large and previous is not None:
         g = fused.after(g, previous)
-      out.append(leaf(g, mq, vq))
+      out.append(leaf(g, mq, vq, bc1, bc2))
       if large:
         previous = out[-1][2].scale
     pick = lambda i: treedef.unflatten([o[i] for o in out])  # noqa: E731
@@ -219,12 +222,13 @@ def trace_8bit(decay: float = 0.9) -> optax.GradientTransformation:
       trace=jax.tree.map(lambda p: _zeros(p, quantize_signed), params)
     )
 
+  @jax.jit  # Once per transformation, as in ``scale_by_adam_8bit``.
+  def leaf(u, tq):
+    t = u.astype(jnp.float32) + decay * dequantize_signed(tq)
+    return t.astype(u.dtype), quantize_signed(t)
+
   def update_fn(updates, state, params=None):
     del params
-
-    def leaf(u, tq):
-      t = u.astype(jnp.float32) + decay * dequantize_signed(tq)
-      return t.astype(u.dtype), quantize_signed(t)
 
     u_leaves, treedef = jax.tree.flatten(updates)
     out = [
