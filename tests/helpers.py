@@ -202,3 +202,11 @@ def ordered_and_unordered_runs(
     runs[ordered] = run_steps(make_tx(), params, grads_list)
     calls[ordered] = count[0] - before
   return runs, calls
+
+
+def assert_traced_once(jaxpr, name: str, n_calls: int) -> None:
+  """``n_calls`` top-level calls of the jitted function ``name`` in
+  ``jaxpr``, all sharing one traced body (traced once, not per call)."""
+  calls = [e for e in jaxpr.eqns if e.params.get('name') == name]
+  assert len(calls) == n_calls
+  assert len({id(e.params['jaxpr']) for e in calls}) == 1

@@ -191,9 +191,7 @@ def test_per_leaf_pieces_are_traced_once_per_signature(name, piece):
   params = {f'w{i:02d}': jnp.full((5, 4), i + 1.0) for i in range(40)}
   tx = CONFIGS[name](True)
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-  calls = [e for e in jaxpr.eqns if e.params.get('name') == piece]
-  assert len(calls) == len(params)
-  assert len({id(e.params['jaxpr']) for e in calls}) == 1
+  h.assert_traced_once(jaxpr, piece, len(params))
 
 
 @pytest.mark.parametrize('name', ['lamb', 'lars'])

@@ -269,6 +269,4 @@ def test_8bit_leaves_are_traced_once_per_signature(make):
   tx = make()
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state)
-  calls = [e for e in jaxpr.eqns if e.params.get('name') == 'leaf']
-  assert len(calls) == len(params)
-  assert len({id(e.params['jaxpr']) for e in calls}) == 1
+  h.assert_traced_once(jaxpr, 'leaf', len(params))
