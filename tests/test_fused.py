@@ -197,9 +197,9 @@ def test_per_leaf_pieces_are_traced_once_per_signature(name, piece):
 @pytest.mark.parametrize('name', ['lamb', 'lars'])
 def test_eager_steps_compile_the_pieces_once(name, caplog):
   """Called without ``jax.jit``, the second step reuses the first's
-  compiled pieces: no per-step compilation of the fast path. (jax itself
-  compiles ``b1 ** count`` anew each eager step, for the chain too: a
-  concrete integer exponent is a static ``integer_pow``.)"""
+  compilations: the fast path compiles nothing per step. (Eagerly, jax
+  compiles ``b1 ** count`` anew each step, a concrete integer exponent being
+  a static ``integer_pow``; the fast path computes it jitted.)"""
   params = h.to_jax(_big_tree())
   grads = h.grads_sequence(params, 2, seed=4)
   tx = CONFIGS[name](True)
@@ -212,12 +212,14 @@ def test_eager_steps_compile_the_pieces_once(name, caplog):
       compiled = [
         r.getMessage()
         for r in caplog.records
-        if r.getMessage().startswith(
-          tuple(f'Compiling jit({p})' for p in pieces)
-        )
+        if r.getMessage().startswith('Compiling ')
       ]
       if k == 0:
-        assert compiled  # The check below can see these compilations.
+        # The check below can see these compilations.
+        assert any(
+          c.startswith(tuple(f'Compiling jit({p})' for p in pieces))
+          for c in compiled
+        )
   assert compiled == []
 
 

@@ -331,6 +331,12 @@ def adam_family(
     ratio = transform.guarded_ratio(pn, un, zero, one.dtype)
     return _clamp(ratio, min_ratio, max_ratio)
 
+  @jax.jit
+  def bias_corrections(count):
+    # Jitted so that eager steps compile it once: with a concrete ``count``,
+    # ``b1**count`` is a static ``integer_pow``, a new program every step.
+    return 1 - b1**count, 1 - b2**count
+
   def init_fn(params):
     inner = chain.init(params)
     if not workspace:
@@ -351,8 +357,7 @@ def adam_family(
     adam = state[0]
     step, lr_state = _step_and_lr_state(lr_tx, state[-1])
     count = optax.safe_increment(adam.count)
-    bc1 = 1 - b1**count
-    bc2 = 1 - b2**count
+    bc1, bc2 = bias_corrections(count)
     named, treedef = base.flatten_with_names(updates)
     g_leaves = [x for _, x in named]
     mu_leaves = treedef.flatten_up_to(adam.mu)
