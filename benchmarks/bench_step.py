@@ -94,6 +94,21 @@ def resnet50_shapes() -> dict[str, tuple[int, ...]]:
   return s
 
 
+def resnet50_flax_shapes() -> dict[str, tuple[int, ...]]:
+  """The same ResNet-50 in Flax's layout: conv kernels ``(kh, kw, I, O)``,
+  the classifier ``(in, out)``. XLA:CPU's reductions are sensitive to the
+  last dimension (benchmarks/RESULTS.md, "LARS's norm by the last
+  dimension"), so the layout matters."""
+  out = {}
+  for name, shape in resnet50_shapes().items():
+    if len(shape) == 4:
+      shape = (shape[2], shape[3], shape[1], shape[0])
+    elif len(shape) == 2:
+      shape = shape[::-1]
+    out[name] = shape
+  return out
+
+
 def many_small_shapes(n: int = 2000, size: int = 1000):
   return {f'layers.{i}.w': (size,) for i in range(n)}
 
@@ -101,6 +116,7 @@ def many_small_shapes(n: int = 2000, size: int = 1000):
 TREES = {
   'bert': bert_base_shapes,
   'resnet50': resnet50_shapes,
+  'resnet50_flax': resnet50_flax_shapes,  # Not in the default run.
   'many_small': many_small_shapes,
 }
 

@@ -360,8 +360,9 @@ def test_grad_through_update_of_large_leaves_equals_chain(name):
     # out in full unless each leaf's scalar is its own (``norm_operand``).
     {f'w{i}': (512, 512) for i in range(3)},
     {f'conv{i}': (64, 64, 4, 4) for i in range(3)},  # The sums' form.
+    {f'conv{i}': (4, 4, 64, 64) for i in range(3)},  # Flax layout: spelled.
   ],
-  ids=['matrix', 'same_shape_matrices', 'conv_kernels'],
+  ids=['matrix', 'same_shape_matrices', 'conv_kernels', 'conv_kernels_hwio'],
 )
 def test_fast_path_writes_no_update_sized_temporary_for_lars(shapes):
   p = {k: jnp.ones(v) for k, v in shapes.items()}
@@ -661,12 +662,15 @@ def test_workspace_bad_inputs(kw, pattern):
 
 
 # The norm of LARS's ``d = g + wd p`` on XLA:CPU: spelled apart from the
-# update's ``d`` for matrices (``norm_operand``), from sums over the inputs
-# with a guard for conv kernels; elsewhere (``materialises_shared`` False) the
-# update's ``d`` itself. Shapes of 128 x 64 elements in each form.
+# update's ``d`` (``norm_operand``) where the last dimension is long (matrices,
+# Flax-layout conv kernels), from sums over the inputs with a guard where it
+# is short (PyTorch-layout conv kernels, narrow matrices); elsewhere
+# (``materialises_shared`` False) the update's ``d`` itself. 8,192 elements.
 NORM_FORMS = {
   'spelled': (True, (128, 64)),
+  'spelled_hwio': (True, (4, 4, 16, 32)),
   'sums': (True, (32, 16, 4, 4)),
+  'sums_narrow': (True, (1024, 8)),
   'direct': (False, (128, 64)),
 }
 
@@ -712,7 +716,7 @@ def test_lars_norm_of_the_cancelling_leaf_among_several(form, monkeypatch):
   tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
   p32, g32 = h.to_jax(p), h.to_jax(g)
   jaxpr = str(jax.make_jaxpr(tx.update)(g32, tx.init(p32), p32))
-  assert ('cond[' in jaxpr) == (form == 'sums')
+  assert ('cond[' in jaxpr) == form.startswith('sums')
   u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
   for k in p:
     d = g[k] + wd * p[k]

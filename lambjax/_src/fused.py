@@ -11,8 +11,9 @@ Why it is faster on XLA:CPU (see benchmarks/RESULTS.md): the chain
 materialises each stage's update tree, and ``optax.safe_norm`` reads every
 tensor twice; here norms are one sum of squares with a scalar-level guard, and
 LARS's norm of ``d = g + wd p`` reads ``g`` and ``p`` without writing ``d``
-(``norm_operand``; for conv kernels sums over the inputs, ``‖g‖² + 2 wd
-<g,p> + wd² ‖p‖²``, exact fallback on cancellation), so no update-sized
+(``norm_operand``; where the last dimension is short, as in PyTorch-layout
+conv kernels, sums over the inputs, ``‖g‖² + 2 wd <g,p> + wd² ‖p‖²``, exact
+fallback on cancellation), so no update-sized
 temporary is written. LAMB's direction is one; on XLA:CPU its large leaves
 are done one at a time, so that temporary is one leaf's (see ``after``).
 """
@@ -138,8 +139,8 @@ def materialises_shared() -> bool:
 
   XLA:CPU does: LARS's ``d = g + wd p``, read by its norm and by the update,
   becomes an update-sized temporary, so there LARS's norm reads ``g`` and
-  ``p`` instead (``norm_operand``; sums over them for conv kernels,
-  ``_lars_sums``). XLA:GPU recomputes ``d`` inside each fusion (no
+  ``p`` instead (``norm_operand``; sums over them where the last dimension
+  is short, ``_lars_sums``). XLA:GPU recomputes ``d`` inside each fusion (no
   temporary); there the direct norm, exact and so with no ``lax.cond``
   guard, steps 1.05x faster than the guarded sums on BERT-base (ResNet-50
   1.07x) and compiles in 0.63-0.66 of the time (H100, benchmarks/RESULTS.md).
@@ -452,13 +453,21 @@ def adam_family(
 
 # Below this size a temporary costs nothing: LARS uses the direct norm.
 _EXPAND_MIN_SIZE = 4096
+# XLA:CPU's YNN reduction of LARS's spelled ``‖g - (-wd) p‖²`` is 1.7-4x
+# slower than the sums over the inputs when the last dimension is shorter
+# than this (PyTorch/Paddle-layout conv kernels ``(O, I, 3, 3)``, ``(O, I, 1,
+# 1)``; matrices ``(n, 8)``) and as fast or faster from 16 on (Flax's ``(kh,
+# kw, I, O)`` kernels, most matrices): benchmarks/RESULTS.md, "LARS's norm
+# by the last dimension".
+_SPELLED_MIN_LAST = 16
 
 
 def _lars_sums(gs, ps, wd):
   """``[(‖g + wd p‖², ‖p‖²)]`` of large leaves from sums over the inputs only
   (no update-sized temporary), with an exact recomputation where one would
-  cancel; on XLA:CPU (``materialises_shared``) for conv kernels, whose
-  shapes make YNN's fused ``‖g - (-wd) p‖²`` 2-4x slower than these sums.
+  cancel; on XLA:CPU (``materialises_shared``) for leaves with a short last
+  dimension (``_SPELLED_MIN_LAST``), where YNN's fused ``‖g - (-wd) p‖²``
+  runs 2-4x slower than these sums.
   One ``lax.cond`` for all the leaves: a cond per leaf cost ~7% of a
   BERT-base step there (benchmarks/RESULTS.md); inside the rare branch each
   leaf keeps its own, so the numbers are those of a per-leaf check."""
@@ -579,10 +588,12 @@ def lars(
       and axes[i] is None
       and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
     ]
-    # Matrices and vectors: the norm of ``d`` spelled apart (``norm_operand``,
-    # 3 array reads); conv kernels: sums over the inputs (4 reads, which YNN
-    # runs faster than the fused ``d`` on their shapes).
-    spelled = {i for i in large if np.ndim(p_leaves[i]) <= 2}
+    # The norm of ``d`` spelled apart (``norm_operand``, 3 array reads) where
+    # the last dimension is long enough; else sums over the inputs (4 reads,
+    # which YNN runs faster than the fused ``d`` on a short last dimension).
+    spelled = {
+      i for i in large if np.shape(p_leaves[i])[-1] >= _SPELLED_MIN_LAST
+    }
     summed = [i for i in large if i not in spelled]
     sums = dict(
       zip(
