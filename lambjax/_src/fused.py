@@ -13,9 +13,9 @@ tensor twice; here norms are one sum of squares with a scalar-level guard, and
 LARS's norm of ``d = g + wd p`` reads ``g`` and ``p`` without writing ``d``
 (``norm_operand``; where the last dimension is short, as in PyTorch-layout
 conv kernels, sums over the inputs, ``‖g‖² + 2 wd <g,p> + wd² ‖p‖²``, exact
-fallback on cancellation), so no update-sized
-temporary is written. LAMB's direction is one; on XLA:CPU its large leaves
-are done one at a time, so that temporary is one leaf's (see ``after``).
+fallback on cancellation), so no update-sized temporary is written. LAMB's
+direction is one; on XLA:CPU its large leaves are done one at a time, so
+that temporary is one leaf's (see ``after``).
 """
 
 from __future__ import annotations
