@@ -332,8 +332,9 @@ def test_grad_through_update_is_finite_at_zero_norms(name):
 
 @pytest.mark.parametrize('name', ['lamb', 'lars', 'lars_paddle'])
 def test_grad_through_update_of_large_leaves_equals_chain(name):
-  """Meta-gradients through the large-leaf forms (LARS's spelled norm and
-  its guarded sums, LAMB's ordered directions) equal the chain's."""
+  """Meta-gradients through the large-leaf forms (LARS's spelled norm, on
+  a view with a long last dimension for the PyTorch-layout kernel, LAMB's
+  ordered directions) equal the chain's."""
   rng = np.random.default_rng(3)
   shapes = {'w': (80, 64), 'conv': (16, 16, 5, 5), 'b': (64,)}
   params = h.to_jax({k: rng.normal(size=v) for k, v in shapes.items()})
@@ -359,10 +360,17 @@ def test_grad_through_update_of_large_leaves_equals_chain(name):
     # Same-shape leaves share a broadcast of any constant: XLA:CPU writes it
     # out in full unless each leaf's scalar is its own (``norm_operand``).
     {f'w{i}': (512, 512) for i in range(3)},
-    {f'conv{i}': (64, 64, 4, 4) for i in range(3)},  # The sums' form.
-    {f'conv{i}': (4, 4, 64, 64) for i in range(3)},  # Flax layout: spelled.
+    {f'conv{i}': (64, 64, 4, 4) for i in range(3)},  # Viewed as (4096, 16).
+    {f'conv{i}': (256, 64, 1, 1) for i in range(3)},  # Viewed as (256, 64).
+    {f'conv{i}': (4, 4, 64, 64) for i in range(3)},  # Flax layout: as is.
   ],
-  ids=['matrix', 'same_shape_matrices', 'conv_kernels', 'conv_kernels_hwio'],
+  ids=[
+    'matrix',
+    'same_shape_matrices',
+    'conv_kernels',
+    'conv_kernels_1x1',
+    'conv_kernels_hwio',
+  ],
 )
 def test_fast_path_writes_no_update_sized_temporary_for_lars(shapes):
   p = {k: jnp.ones(v) for k, v in shapes.items()}
@@ -662,17 +670,50 @@ def test_workspace_bad_inputs(kw, pattern):
 
 
 # The norm of LARS's ``d = g + wd p`` on XLA:CPU: spelled apart from the
-# update's ``d`` (``norm_operand``) where the last dimension is long (matrices,
-# Flax-layout conv kernels), from sums over the inputs with a guard where it
-# is short (PyTorch-layout conv kernels, narrow matrices); elsewhere
-# (``materialises_shared`` False) the update's ``d`` itself. 8,192 elements.
+# update's ``d`` (``norm_operand``), as the leaf is where the last dimension
+# is long (matrices, Flax-layout conv kernels), on a view with a long last
+# dimension where it is short (PyTorch-layout conv kernels, narrow matrices);
+# elsewhere (``materialises_shared`` False) the update's ``d`` itself. 8,192
+# elements.
 NORM_FORMS = {
   'spelled': (True, (128, 64)),
   'spelled_hwio': (True, (4, 4, 16, 32)),
-  'sums': (True, (32, 16, 4, 4)),
-  'sums_narrow': (True, (1024, 8)),
+  'viewed': (True, (32, 16, 4, 4)),
+  'viewed_1x1': (True, (512, 16, 1, 1)),
+  'viewed_narrow': (True, (1024, 8)),
   'direct': (False, (128, 64)),
 }
+
+
+@pytest.mark.parametrize(
+  'shape, want',
+  [
+    ((2048, 512, 1, 1), (2048, 512)),
+    ((512, 512, 3, 3), (512, 4608)),
+    ((64, 3, 7, 7), (192, 49)),
+    ((32, 16, 4, 4), (512, 16)),
+    ((1024, 8), (8192,)),
+    ((1048576, 1), (1048576,)),
+    ((3, 3, 64, 64), (3, 3, 64, 64)),
+    ((128, 16), (128, 16)),
+    ((4096,), (4096,)),
+    ((2, 3), (6,)),
+  ],
+)
+def test_long_last_shape(shape, want):
+  assert fused_lib.long_last_shape(shape) == want
+
+
+def test_long_last_shape_keeps_the_size_and_a_long_last_dimension():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    shape = tuple(int(d) for d in rng.integers(1, 20, size=rng.integers(1, 6)))
+    got = fused_lib.long_last_shape(shape)
+    assert np.prod(got) == np.prod(shape) and len(got) <= max(2, len(shape))
+    assert got[-1] >= min(16, np.prod(shape))
+    assert fused_lib.long_last_shape(got) == got
+    if shape[-1] >= 16:
+      assert got == shape
 
 
 @pytest.mark.parametrize('form', sorted(NORM_FORMS))
@@ -680,7 +721,7 @@ NORM_FORMS = {
 def test_lars_norm_near_cancellation_matches_float64(delta, form, monkeypatch):
   """g = -wd p (1 - delta) + noise: ‖g + wd p‖ is a small part of ‖g‖ and
   wd ‖p‖ near delta = 0; the first step equals float64 numpy to 1e-4 in each
-  form of the norm."""
+  form of the norm (none expands the square, so none cancels)."""
   on_cpu, shape = NORM_FORMS[form]
   monkeypatch.setattr(fused_lib, 'materialises_shared', lambda: on_cpu)
   rng = np.random.default_rng(0)
@@ -703,8 +744,8 @@ def test_lars_norm_near_cancellation_matches_float64(delta, form, monkeypatch):
 @pytest.mark.parametrize('form', sorted(NORM_FORMS))
 def test_lars_norm_of_the_cancelling_leaf_among_several(form, monkeypatch):
   """With one leaf at the weight-decay equilibrium (an expanded norm would
-  lose ~10%) and others not, every update equals float64 numpy. Only the
-  sums take a ``lax.cond`` (one for all their leaves)."""
+  lose ~10%) and others not, every update equals float64 numpy. No form
+  needs a ``lax.cond`` guard; the short-last-dimension ones take the view."""
   on_cpu, shape = NORM_FORMS[form]
   monkeypatch.setattr(fused_lib, 'materialises_shared', lambda: on_cpu)
   rng = np.random.default_rng(1)
@@ -716,7 +757,8 @@ def test_lars_norm_of_the_cancelling_leaf_among_several(form, monkeypatch):
   tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
   p32, g32 = h.to_jax(p), h.to_jax(g)
   jaxpr = str(jax.make_jaxpr(tx.update)(g32, tx.init(p32), p32))
-  assert ('cond[' in jaxpr) == form.startswith('sums')
+  assert 'cond[' not in jaxpr
+  assert ('optimization_barrier' in jaxpr) == form.startswith('viewed')
   u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
   for k in p:
     d = g[k] + wd * p[k]

@@ -11,11 +11,10 @@ Why it is faster on XLA:CPU (see benchmarks/RESULTS.md): the chain
 materialises each stage's update tree, and ``optax.safe_norm`` reads every
 tensor twice; here norms are one sum of squares with a scalar-level guard, and
 LARS's norm of ``d = g + wd p`` reads ``g`` and ``p`` without writing ``d``
-(``norm_operand``; where the last dimension is short, as in PyTorch-layout
-conv kernels, sums over the inputs, ``‖g‖² + 2 wd <g,p> + wd² ‖p‖²``, exact
-fallback on cancellation), so no update-sized temporary is written. LAMB's
-direction is one; on XLA:CPU its large leaves are done one at a time, so
-that temporary is one leaf's (see ``after``).
+(``norm_operand``, on a view whose last dimension is long: PyTorch-layout
+conv kernels ``(O, I, 1, 1)`` are summed as ``(O, I)``), so no update-sized
+temporary is written. LAMB's direction is one; on XLA:CPU its large leaves
+are done one at a time, so that temporary is one leaf's (see ``after``).
 """
 
 from __future__ import annotations
@@ -139,12 +138,9 @@ def materialises_shared() -> bool:
 
   XLA:CPU does: LARS's ``d = g + wd p``, read by its norm and by the update,
   becomes an update-sized temporary, so there LARS's norm reads ``g`` and
-  ``p`` instead (``norm_operand``; sums over them where the last dimension
-  is short, ``_lars_sums``). XLA:GPU recomputes ``d`` inside each fusion (no
-  temporary); there the direct norm, exact and so with no ``lax.cond``
-  guard, steps 1.05x faster than the guarded sums on BERT-base (ResNet-50
-  1.07x) and compiles in 0.63-0.66 of the time (H100, benchmarks/RESULTS.md).
-  Only XLA:CPU takes these forms (TPUs, not measured, fuse as GPUs do).
+  ``p`` instead (``norm_operand``). XLA:GPU recomputes ``d`` inside each
+  fusion (no temporary) and takes the direct norm. Only XLA:CPU takes the
+  spelled form (TPUs, not measured, fuse as GPUs do).
   """
   return jax.default_backend() == 'cpu'
 
@@ -453,48 +449,41 @@ def adam_family(
 
 # Below this size a temporary costs nothing: LARS uses the direct norm.
 _EXPAND_MIN_SIZE = 4096
-# XLA:CPU's YNN reduction of LARS's spelled ``‖g - (-wd) p‖²`` is 1.7-4x
-# slower than the sums over the inputs when the last dimension is shorter
-# than this (PyTorch/Paddle-layout conv kernels ``(O, I, 3, 3)``, ``(O, I, 1,
-# 1)``; matrices ``(n, 8)``) and as fast or faster from 16 on (Flax's ``(kh,
-# kw, I, O)`` kernels, most matrices): benchmarks/RESULTS.md, "LARS's norm
-# by the last dimension".
-_SPELLED_MIN_LAST = 16
+# XLA:CPU's YNN reduction of LARS's spelled ``‖g - (-wd) p‖²`` runs 2-10x
+# slower when the leaf's last dimension is shorter than this (PyTorch/Paddle-
+# layout conv kernels ``(O, I, 3, 3)``, ``(O, I, 1, 1)``; matrices ``(n, 8)``)
+# than on the same elements viewed with a long last dimension:
+# benchmarks/RESULTS.md, "LARS's norm on a long last dimension".
+_LONG_LAST = 16
 
 
-def _lars_sums(gs, ps, wd):
-  """``[(‖g + wd p‖², ‖p‖²)]`` of large leaves from sums over the inputs only
-  (no update-sized temporary), with an exact recomputation where one would
-  cancel; on XLA:CPU (``materialises_shared``) for leaves with a short last
-  dimension (``_SPELLED_MIN_LAST``), where YNN's fused ``‖g - (-wd) p‖²``
-  runs 2-4x slower than these sums.
-  One ``lax.cond`` for all the leaves: a cond per leaf cost ~7% of a
-  BERT-base step there (benchmarks/RESULTS.md); inside the rare branch each
-  leaf keeps its own, so the numbers are those of a per-leaf check."""
-  expanded, cancels, pps = [], [], []
-  for g, p in zip(gs, ps, strict=True):
-    gg, pp = _sumsq(g), _sumsq(p)
-    gp = jnp.sum(g * p)
-    scale = gg + (wd * wd) * pp
-    dd = gg + (2 * wd) * gp + (wd * wd) * pp
-    # Relative rounding error of dd is ~eps * scale / dd: recompute directly
-    # when more than ~1e-4 of it would be lost (g close to -wd p).
-    cancels.append(dd < 1e-3 * scale)
-    expanded.append(jnp.maximum(dd, 0.0))
-    pps.append(pp)
-  if not expanded:
-    return []
+def long_last_shape(shape: Sequence[int]) -> tuple[int, ...]:
+  """``shape`` with trailing dimensions merged until the last is at least
+  ``_LONG_LAST`` (the rest merged into rows): ``(2048, 512, 1, 1)`` ->
+  ``(2048, 512)``, ``(64, 3, 7, 7)`` -> ``(192, 49)``, ``(1024, 8)`` ->
+  ``(8192,)``; unchanged where the last dimension is long already."""
+  shape = tuple(int(d) for d in shape)
+  last, k = 1, len(shape)
+  while k > 0 and last < _LONG_LAST:
+    k -= 1
+    last *= shape[k]
+  if k == len(shape) - 1:
+    return shape
+  return (int(np.prod(shape[:k])), last) if k else (last,)
 
-  def exact():
-    return tuple(
-      jax.lax.cond(c, lambda g=g, p=p: _sumsq(g + wd * p), lambda d=d: d)
-      for g, p, c, d in zip(gs, ps, cancels, expanded, strict=True)
-    )
 
-  dds = jax.lax.cond(
-    jnp.any(jnp.stack(cancels)), exact, lambda: tuple(expanded)
-  )
-  return list(zip(dds, pps, strict=True))
+def long_last(*xs: jax.Array) -> tuple[jax.Array, ...]:
+  """Same-shape ``xs`` reshaped to :func:`long_last_shape`, for a reduction.
+
+  A reshape alone would not do: XLA's simplifier folds a full reduction of
+  a reshape back onto the original shape. Through an optimization barrier
+  the fusion keeps the view (a bitcast, no copy) and the barrier is gone by
+  the time the program runs.
+  """
+  shape = long_last_shape(xs[0].shape)
+  if shape == xs[0].shape:
+    return xs
+  return jax.lax.optimization_barrier(tuple(x.reshape(shape) for x in xs))
 
 
 def norm_operand(g: jax.Array, p: jax.Array, wd: float) -> jax.Array:
@@ -503,14 +492,17 @@ def norm_operand(g: jax.Array, p: jax.Array, wd: float) -> jax.Array:
   The update reads ``d`` too. Spelled alike, XLA's CSE merges the two and
   XLA:CPU writes ``d`` out as an update-sized temporary (a value read by two
   fusions); spelled apart, the norm's fusion computes ``d`` from ``g`` and
-  ``p`` itself: 3 array reads for both norms where the sums over the inputs
-  (``_lars_sums``) take 4 and a guard (BERT-base step 1.1x faster,
-  benchmarks/RESULTS.md). ``-wd`` is made this leaf's own scalar: a
-  constant's broadcast would be shared by same-shape leaves, and XLA:CPU
-  writes a shared broadcast out in full. ``g - (-wd) p`` is ``g + wd p``
-  exactly (``(-wd) p = -(wd p)``; ``after`` adds an exact ``-0.0``).
+  ``p`` itself: 3 array reads for both norms, where sums over the inputs
+  (``‖g‖² + 2 wd <g,p> + wd² ‖p‖²``) would take 4 and a guard against
+  cancellation (BERT-base step 1.1x faster, benchmarks/RESULTS.md). ``-wd``
+  is made this leaf's own scalar: a constant's broadcast would be shared by
+  same-shape leaves, and XLA:CPU writes a shared broadcast out in full.
+  ``g - (-wd) p`` is ``g + wd p`` exactly (``(-wd) p = -(wd p)``; ``after``
+  adds an exact ``-0.0``). The result has :func:`long_last_shape`, which is
+  all a norm needs.
   """
   neg_wd = after(jnp.asarray(-wd, p.dtype), _sumsq(p))
+  g, p = long_last(g, p)
   return g - neg_wd * p
 
 
@@ -576,10 +568,10 @@ def lars(
     n = len(p_leaves)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
     axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
-    # Large unstacked decayed leaves (optax form, XLA:CPU): a norm that does
-    # not make XLA write ``d`` out.
+    # Large unstacked decayed leaves (optax form, XLA:CPU): the norm of ``d``
+    # spelled apart (``norm_operand``), so that XLA does not write ``d`` out.
     expand = form != 'paddle' and weight_decay and materialises_shared()
-    large = [
+    spelled = {
       i
       for i in range(n)
       if expand
@@ -587,31 +579,11 @@ def lars(
       and decay[i]
       and axes[i] is None
       and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
-    ]
-    # The norm of ``d`` spelled apart (``norm_operand``, 3 array reads) where
-    # the last dimension is long enough; else sums over the inputs (4 reads,
-    # which YNN runs faster than the fused ``d`` on a short last dimension).
-    spelled = {
-      i for i in large if np.shape(p_leaves[i])[-1] >= _SPELLED_MIN_LAST
     }
-    summed = [i for i in large if i not in spelled]
-    sums = dict(
-      zip(
-        summed,
-        _lars_sums(
-          [named[i][1] for i in summed],
-          [p_leaves[i] for i in summed],
-          weight_decay,
-        ),
-        strict=True,
-      )
-    )
 
     def first(i):
       # What the norms need: ``(a, p, axis, dtype)``, ``a`` the array whose
-      # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``; for a large unstacked
-      # decayed leaf, ``a`` is the pair of sums ``(‖d‖², ‖p‖²)`` (from sums
-      # over the inputs, computed above) and ``p`` is None.
+      # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``.
       g, p = named[i][1], p_leaves[i]
       wd = weight_decay if decay[i] else 0.0
       ds[i] = g + wd * p if wd else g
@@ -620,22 +592,14 @@ def lars(
       axis = axes[i]
       if form == 'paddle':
         return g, p, axis, p.dtype
-      if i in sums:
-        return sums[i], None, None, p.dtype
       if i in spelled:
         return norm_operand(g, p, weight_decay), p, None, p.dtype
       return ds[i], p, axis, p.dtype  # Direct: small, per slice, no decay.
 
     def window_ratios(entries):
       axes = [axis for _, _, axis, _ in entries]
-      ps = [p for _, p, _, _ in entries]
-      a_sums = sumsqs(
-        [a if p is not None else None for a, p, _, _ in entries], axes
-      )
-      p_sums = sumsqs(ps, axes)
-      for j, (a, p, _, _) in enumerate(entries):
-        if p is None:
-          a_sums[j], p_sums[j] = a
+      a_sums = sumsqs([a for a, _, _, _ in entries], axes)
+      p_sums = sumsqs([p for _, p, _, _ in entries], axes)
       dtypes = [dt for *_, dt in entries]
       return batched_ratios(trust_ratio, a_sums, p_sums, dtypes)
 
