@@ -1,0 +1,49 @@
+"""Compile and step time of lambjax's per-leaf step on the many-small tree
+(2,000 leaves of 1,000 floats), without optax (whose compile there takes
+minutes on a GPU).
+
+    python benchmarks/compile_many_small.py --opts lars,lamb
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+from bench_step import TREES, make_step, make_tree
+
+import lambjax as lj
+
+OPTS = {
+  'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
+  'lars': lambda: lj.lars(0.1, weight_decay=1e-4),
+  'adam': lambda: lj.adam(1e-3),
+}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--opts', default='lars,lamb')
+  args = ap.parse_args()
+  shapes = TREES['many_small']()
+  grads = make_tree(shapes, 99)
+  for name in args.opts.split(','):
+    tx = OPTS[name]()
+    params = make_tree(shapes, 0)
+    state = tx.init(params)
+    t0 = time.perf_counter()
+    c = make_step(tx).lower(params, state, grads).compile()
+    cs = time.perf_counter() - t0
+    params, state = c(params, state, grads)
+    jax.block_until_ready(params)
+    t0 = time.perf_counter()
+    for _ in range(20):
+      params, state = c(params, state, grads)
+    jax.block_until_ready(params)
+    step_ms = 1e3 * (time.perf_counter() - t0) / 20
+    print(f'many_small {name}: compile {cs:.1f} s, step {step_ms:.2f} ms')
+
+
+if __name__ == '__main__':
+  main()
