@@ -8,10 +8,8 @@ minutes on a GPU).
 from __future__ import annotations
 
 import argparse
-import time
 
-import jax
-from bench_step import TREES, make_step, make_tree
+from bench_step import TREES, Runner, make_tree
 
 import lambjax as lj
 
@@ -29,20 +27,11 @@ def main():
   shapes = TREES['many_small']()
   grads = make_tree(shapes, 99)
   for name in args.opts.split(','):
-    tx = OPTS[name]()
-    params = make_tree(shapes, 0)
-    state = tx.init(params)
-    t0 = time.perf_counter()
-    c = make_step(tx).lower(params, state, grads).compile()
-    cs = time.perf_counter() - t0
-    params, state = c(params, state, grads)
-    jax.block_until_ready(params)
-    t0 = time.perf_counter()
-    for _ in range(20):
-      params, state = c(params, state, grads)
-    jax.block_until_ready(params)
-    step_ms = 1e3 * (time.perf_counter() - t0) / 20
-    print(f'many_small {name}: compile {cs:.1f} s, step {step_ms:.2f} ms')
+    r = Runner(name, OPTS[name](), shapes, grads)  # Compiles, one warm step.
+    step_ms = 1e3 * r.run(inner=20)
+    print(
+      f'many_small {name}: compile {r.compile_s:.1f} s, step {step_ms:.2f} ms'
+    )
 
 
 if __name__ == '__main__':

@@ -15,33 +15,17 @@ spelled one). Recorded in benchmarks/RESULTS.md, third H100 session.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_step import TREES, make_step, make_tree
+from bench_step import TREES, Runner, make_tree
 
 import lambjax as lj
 from lambjax._src import fused as F
-
-ORIG = F.materialises_shared
-
-
-def compiled(tx, p):
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  return jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile()
-
-
-def make(fused, spelled):
-  F.materialises_shared = (lambda: True) if spelled else ORIG
-  return lj.lars(0.1, weight_decay=1e-4, fused=fused)
-
 
 CASES = {
   '3x(256,64,1,1)': {f'c{i}': (256, 64, 1, 1) for i in range(3)},
@@ -50,51 +34,73 @@ CASES = {
   '(512,512,3,3)': {'c': (512, 512, 3, 3)},
   '(1024,1024)': {'w': (1024, 1024)},
 }
-print('temp bytes: case, leaf bytes, chain, fused direct, fused spelled+view')
-for name, shapes in CASES.items():
-  p = {k: jnp.ones(v) for k, v in shapes.items()}
-  row = []
-  for fused, spelled in ((False, False), (True, False), (True, True)):
-    c = compiled(make(fused, spelled), p)
-    row.append(c.memory_analysis().temp_size_in_bytes)
-    F.materialises_shared = ORIG
-  print(
-    f'{name:16s} {4 * max(np.prod(v) for v in shapes.values()):10d}',
-    *[f'{t:10d}' for t in row],
-    flush=True,
-  )
 
-for tree in ('resnet50', 'resnet50_flax', 'bert'):
-  shapes = TREES[tree]()
-  grads = make_tree(shapes, 99)
-  runs = {}
-  for label, spelled in (('direct', False), ('spelled', True)):
-    tx = make(True, spelled)
-    params = make_tree(shapes, 0)
-    state = tx.init(params)
-    t0 = time.perf_counter()
-    c = make_step(tx).lower(params, state, grads).compile()
-    cs = time.perf_counter() - t0
-    F.materialises_shared = ORIG
-    runs[label] = [c, params, state, cs, []]
-  for r in runs.values():
-    r[1], r[2] = r[0](r[1], r[2], grads)
-  for rnd in range(15):
-    for label in list(runs) if rnd % 2 == 0 else list(runs)[::-1]:
-      r = runs[label]
-      jax.block_until_ready((r[1], r[2]))
-      t0 = time.perf_counter()
-      for _ in range(20):
-        r[1], r[2] = r[0](r[1], r[2], grads)
-      jax.block_until_ready((r[1], r[2]))
-      r[4].append((time.perf_counter() - t0) / 20)
-  d, s = runs['direct'], runs['spelled']
-  ratio = statistics.median(a / b for a, b in zip(d[4], s[4], strict=True))
-  diff = max(
-    float(jnp.max(jnp.abs(a - b)))
-    for a, b in zip(jax.tree.leaves(d[1]), jax.tree.leaves(s[1]), strict=True)
-  )
-  print(
-    f'{tree}: direct {1e3 * statistics.median(d[4]):.3f} ms (compile {d[3]:.2f} s), spelled+view {1e3 * statistics.median(s[4]):.3f} ms (compile {s[3]:.2f} s); direct/spelled {ratio:.3f}; max|params diff| {diff:.1e}',
-    flush=True,
-  )
+
+@contextlib.contextmanager
+def spelled_form(on):
+  """While tracing inside: LARS takes the spelled norm (XLA:CPU's form)."""
+  orig = F.materialises_shared
+  if on:
+    F.materialises_shared = lambda: True
+  try:
+    yield
+  finally:
+    F.materialises_shared = orig
+
+
+def lars(fused=True):
+  return lj.lars(0.1, weight_decay=1e-4, fused=fused)
+
+
+def temp_bytes(tx, p):
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  c = jax.jit(step, donate_argnums=(0, 1)).lower(p, tx.init(p), p).compile()
+  return c.memory_analysis().temp_size_in_bytes
+
+
+def main():
+  print('temp bytes: case, leaf bytes, chain, fused direct, fused spelled+view')
+  for name, shapes in CASES.items():
+    p = {k: jnp.ones(v) for k, v in shapes.items()}
+    row = [temp_bytes(lars(fused=False), p), temp_bytes(lars(), p)]
+    with spelled_form(True):
+      row.append(temp_bytes(lars(), p))
+    leaf = 4 * max(np.prod(v) for v in shapes.values())
+    print(f'{name:16s} {leaf:10d}', *[f'{t:10d}' for t in row], flush=True)
+
+  for tree in ('resnet50', 'resnet50_flax', 'bert'):
+    shapes = TREES[tree]()
+    grads = make_tree(shapes, 99)
+    runs = []
+    for on in (False, True):
+      with spelled_form(on):  # Runner traces and compiles here.
+        runs.append(
+          Runner('spelled' if on else 'direct', lars(), shapes, grads)
+        )
+    for rnd in range(15):
+      for r in runs if rnd % 2 == 0 else runs[::-1]:
+        r.times.append(r.run(inner=20))
+    d, s = runs
+    ratio = statistics.median(
+      a / b for a, b in zip(d.times, s.times, strict=True)
+    )
+    diff = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(
+        jax.tree.leaves(d.params), jax.tree.leaves(s.params), strict=True
+      )
+    )
+    print(
+      f'{tree}: direct {1e3 * statistics.median(d.times):.3f} ms '
+      f'(compile {d.compile_s:.2f} s), spelled+view '
+      f'{1e3 * statistics.median(s.times):.3f} ms (compile {s.compile_s:.2f} '
+      f's); direct/spelled {ratio:.3f}; max|params diff| {diff:.1e}',
+      flush=True,
+    )
+
+
+if __name__ == '__main__':
+  main()

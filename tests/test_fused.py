@@ -361,8 +361,8 @@ def test_grad_through_update_of_large_leaves_equals_chain(name):
     # out in full unless each leaf's scalar is its own (``norm_operand``).
     {f'w{i}': (512, 512) for i in range(3)},
     {f'conv{i}': (64, 64, 4, 4) for i in range(3)},  # Viewed as (4096, 16).
-    # Viewed as (1024, 256). (At 64 KiB a leaf, XLA:GPU's fusion of small
-    # same-shape kernels writes one leaf's worth of temporary, chain or not.)
+    # Viewed as (1024, 256). (On XLA:GPU three 64 KiB leaves carried one
+    # leaf's worth of temporary, chain and fused alike, in any norm form.)
     {f'conv{i}': (1024, 256, 1, 1) for i in range(3)},
     {f'conv{i}': (4, 4, 64, 64) for i in range(3)},  # Flax layout: as is.
   ],
