@@ -55,9 +55,9 @@ CASES = [
   ('lamb', lambda: lj.lamb(0.1, diagnostics=1), ValueError, r'`diagnostics`'),
   (
     'lamb',
-    lambda: lj.lamb(0.1, b1=jnp.asarray(0.9), workspace=True),
+    lambda: lj.lamb(0.1, weight_decay=lambda c: 0.01, workspace=True),
     ValueError,
-    r'workspace=True.*static numbers',
+    r'workspace=True.*not schedules',
   ),
   ('lars', lambda: lj.lars(0.1, momentum=-1.0), ValueError, r'`momentum`'),
   (

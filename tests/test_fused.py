@@ -77,13 +77,13 @@ def _big_tree(seed=0):
   return tree
 
 
-def _trajectories(name, params, grads, use_jit=True):
+def _trajectories(name, params, grads, use_jit=True, configs=CONFIGS):
   """Params after each step and the final state: (fused, chain) pairs. The
   chain (the reference) runs under ``jax.jit``; the fused path under
   ``jax.jit`` or op by op (``use_jit=False``)."""
   trajs, states = [], []
   for fused in (True, False):
-    tx = CONFIGS[name](fused)
+    tx = configs[name](fused)
     p = h.to_jax(params)
     s = tx.init(p)
     update = jax.jit(tx.update) if use_jit or not fused else tx.update
@@ -97,15 +97,20 @@ def _trajectories(name, params, grads, use_jit=True):
   return trajs, states
 
 
-def _one_step_close(name, params, g):
-  """One jitted update, fused vs chain: same dtypes, close to bf16 rounding."""
-  outs = []
+def _one_step_close(name, params, g, configs=CONFIGS):
+  """One jitted update, fused vs chain: the same dtypes and states (updates
+  in the params' dtypes where ``configs`` is ours), close to bf16 rounding."""
+  outs, states = [], []
   for fused in (True, False):
-    tx = CONFIGS[name](fused)
-    u, _ = jax.jit(tx.update)(g, tx.init(params), params)
-    chex.assert_trees_all_equal_dtypes(u, params)
+    tx = configs[name](fused)
+    u, s = jax.jit(tx.update)(g, tx.init(params), params)
+    if configs is CONFIGS:
+      chex.assert_trees_all_equal_dtypes(u, params)
     outs.append(u)
+    states.append(s)
+  chex.assert_trees_all_equal_dtypes(outs[0], outs[1])
   chex.assert_trees_all_close(outs[0], outs[1], rtol=2e-2, atol=1e-4)
+  chex.assert_trees_all_equal_shapes_and_dtypes(states[0], states[1])
 
 
 @pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
@@ -179,6 +184,182 @@ def test_fused_equals_chain_on_a_wide_tree(name):
   grads = _wide_grads(params, 4, seed=7)
   trajs, _ = _trajectories(name, params, grads)
   assert h.trajectory_rel_err(trajs[0], trajs[1]) < 1e-6
+
+
+def _injected(fn, static=(), **kwargs):
+  """``fn`` under ``optax.inject_hyperparams``: every number (b1, b2, eps,
+  weight decay, clamps, momentum...) becomes a float32 array of its state."""
+  return lambda f: optax.inject_hyperparams(fn, static_args=static)(
+    **kwargs, fused=f
+  )
+
+
+# The configurations of CONFIGS, injected; callables other than schedules
+# (masks, lr ratios) are static, as optax needs.
+INJECTED = {
+  'lamb': _injected(lj.lamb, learning_rate=1e-2, weight_decay=0.01),
+  'lamb_masks_clamp_ratio': _injected(
+    lj.lamb, ('mask', 'trust_ratio_mask', 'lr_ratio_fn'), **LAMB_MASKS_CLAMP
+  ),
+  'lamb_bf16_moments': _injected(
+    lj.lamb,
+    ('mu_dtype', 'nu_dtype'),  # jnp.bfloat16 is callable.
+    learning_rate=1e-2,
+    weight_decay=0.01,
+    mu_dtype=jnp.bfloat16,
+    nu_dtype=jnp.bfloat16,
+  ),
+  'adam': _injected(lj.adam, learning_rate=_sched, b1=0.8, eps_root=1e-8),
+  'adamw': _injected(
+    lj.adamw,
+    ('mask',),
+    learning_rate=1e-2,
+    weight_decay=0.1,
+    mask=lj.mask_by_name('kernel'),
+  ),
+  'adamw_dl': _injected(
+    lj.adamw_dl,
+    ('layerwise_decay', 'n_layers'),
+    learning_rate=1e-2,
+    layerwise_decay=0.7,
+    n_layers=2,
+  ),
+  'lars': _injected(
+    lj.lars, learning_rate=0.5, weight_decay=0.01, trust_coefficient=0.1
+  ),
+  'lars_masks_nesterov': _injected(
+    lj.lars,
+    ('weight_decay_mask', 'trust_ratio_mask'),
+    learning_rate=_sched,
+    weight_decay=0.02,
+    weight_decay_mask=lj.mask_by_name('kernel'),
+    trust_ratio_mask=lj.mask_by_name('kernel|emb'),
+    nesterov=True,
+    eps=1e-4,
+    min_ratio=0.01,
+  ),
+  'lars_paddle': _injected(
+    lj.lars,
+    ('weight_decay_mask',),
+    learning_rate=0.5,
+    weight_decay=0.01,
+    trust_coefficient=0.05,
+    trust_ratio_form='paddle',
+    weight_decay_mask=lj.mask_by_name('kernel'),
+  ),
+}
+
+
+def _spy_fast_path(monkeypatch) -> list[str]:
+  """Names of the fast paths built from now on."""
+  built = []
+  for fn_name in ('adam_family', 'lars'):
+    real = getattr(fused_lib, fn_name)
+
+    def spy(*args, _real=real, _name=fn_name, **kwargs):
+      built.append(_name)
+      return _real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_lib, fn_name, spy)
+  return built
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+@pytest.mark.parametrize('name', sorted(INJECTED))
+def test_fused_equals_chain_under_inject_hyperparams(
+  name, use_jit, monkeypatch
+):
+  """Injected hyperparameters are arrays, traced under jit: the fast path
+  takes them (it fell back to the chain before, BERT-base LAMB 2x slower)
+  and computes the chain's numbers with them, in the chain's dtypes."""
+  built = _spy_fast_path(monkeypatch)
+  params = _big_tree()
+  grads = h.grads_sequence(params, 6, seed=3)
+  trajs, states = _trajectories(name, params, grads, use_jit, INJECTED)
+  assert built, 'the fast path was not taken'
+  tol = 1e-6 if use_jit else 1e-5
+  assert h.trajectory_rel_err(trajs[0], trajs[1]) < tol
+  chex.assert_trees_all_equal_structs(states[0], states[1])
+  chex.assert_trees_all_equal_shapes_and_dtypes(states[0], states[1])
+  # Called eagerly with array hyperparameters the pieces run op by op (not
+  # jitted: the optimizer is rebuilt at each update), so a bf16 moment may
+  # round one bf16 ulp (2**-8 relative) away from the jitted chain's.
+  rtol = 2**-7 if 'bf16' in name and not use_jit else 1e-5
+  chex.assert_trees_all_close(states[0], states[1], rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', ['lamb', 'lars', 'lars_paddle', 'adamw'])
+def test_inject_hyperparams_fast_path_bf16_params(name):
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _big_tree(1))
+  g = jax.tree.map(
+    lambda x: jnp.asarray(x, jnp.bfloat16),
+    h.grads_sequence(params, 1, seed=5)[0],
+  )
+  _one_step_close(name, params, g, INJECTED)
+
+
+@pytest.mark.parametrize('fn', [lj.lamb, lj.lars])
+def test_inject_hyperparams_fast_path_under_vmap(fn):
+  """A sweep: ``jax.vmap`` over an injected weight decay (0 included), eager
+  and jitted, gives the chain's updates for each value."""
+  params = h.to_jax(_big_tree(3))
+  g = h.to_jax(h.grads_sequence(params, 1, seed=6)[0])
+  wds = jnp.array([0.0, 0.01, 0.3])
+
+  def update(wd, fused):
+    tx = optax.inject_hyperparams(fn)(learning_rate=0.05, fused=fused)
+    state = tx.init(params)
+    state.hyperparams['weight_decay'] = wd
+    return tx.update(g, state, params)[0]
+
+  ref = jax.jit(jax.vmap(lambda wd: update(wd, False)))(wds)
+  for run in (jax.vmap, lambda f: jax.jit(jax.vmap(f))):
+    got = run(lambda wd: update(wd, True))(wds)
+    # Updates are ~0.05; atol 1e-8 is an ulp of those where u + wd p cancels.
+    chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+  ('fn', 'kw', 'changed'),
+  [
+    (lj.lamb, {'weight_decay': 0.01}, {'weight_decay': 0.3, 'b1': 0.7}),
+    (lj.lamb, {'weight_decay': 0.01}, {'weight_decay': 0.0}),
+    (lj.lars, {'weight_decay': 0.01}, {'weight_decay': 0.0, 'momentum': 0.5}),
+    (
+      lj.lars,
+      {'weight_decay': 0.01, 'trust_ratio_form': 'paddle'},
+      {'weight_decay': 0.0},
+    ),
+    (
+      lj.lars,
+      {'weight_decay': 0.01, 'trust_ratio_form': 'paddle'},
+      {'weight_decay': 0.2, 'trust_coefficient': 0.5},
+    ),
+  ],
+)
+def test_injected_values_changed_at_run_time(fn, kw, changed):
+  """A value changed in the injected state drives the jitted fast path (no
+  retrace) as if the optimizer had been built with it; a weight decay set
+  to zero takes the zero-decay rules (Paddle's LARS: trust ratio 1)."""
+  params = h.to_jax(_big_tree(2))
+  grads = [h.to_jax(g) for g in h.grads_sequence(params, 3, seed=4)]
+  tx = optax.inject_hyperparams(fn)(learning_rate=0.05, **kw)
+  state = tx.init(params)
+  for k, v in changed.items():
+    state.hyperparams[k] = jnp.asarray(v, jnp.float32)
+  step = jax.jit(tx.update)
+  ref = fn(0.05, **{**kw, **changed})
+  ref_state = ref.init(params)
+  p, q = params, params
+  for g in grads:
+    u, state = step(g, state, p)
+    p = optax.apply_updates(p, u)
+    r, ref_state = jax.jit(ref.update)(g, ref_state, q)
+    q = optax.apply_updates(q, r)
+  assert step._cache_size() == 1  # noqa: SLF001
+  # Injected float32 arrays against Python floats: 1 - b2 is 1.00004e-3 in
+  # float32 against 1e-3 (optax's own test of inject_hyperparams: 1e-3).
+  chex.assert_trees_all_close(p, q, rtol=5e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -669,6 +850,18 @@ def test_workspace_state_round_trips_through_a_checkpoint():
 def test_workspace_bad_inputs(kw, pattern):
   with pytest.raises(ValueError, match=pattern):
     lj.lamb(1e-3, **kw)
+
+
+def test_workspace_takes_array_hyperparameters():
+  """Scalar arrays (as ``optax.inject_hyperparams`` passes them) keep the
+  fast path, so the workspace too: the chain's numbers."""
+  params = h.to_jax(_big_tree())
+  grads = [h.to_jax(g) for g in h.grads_sequence(params, 3)]
+  kw = dict(b1=jnp.asarray(0.9), weight_decay=jnp.asarray(0.01))
+  got, state = h.run_steps(lj.lamb(1e-2, **kw, workspace=True), params, grads)
+  want, _ = h.run_steps(lj.lamb(1e-2, **kw, fused=False), params, grads)
+  assert isinstance(state, fused_lib.WorkspaceState)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-9)
 
 
 # The norm of LARS's ``d = g + wd p`` on XLA:CPU: spelled apart from the

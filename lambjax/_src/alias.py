@@ -393,10 +393,9 @@ def lamb(
   elif workspace:
     raise ValueError(
       'lamb: `workspace=True` needs the fused fast path, which runs with '
-      'fused=True, state_8bit=False and static numbers for b1, b2, eps, '
-      'eps_root, weight_decay, min_ratio and max_ratio (under '
-      'optax.inject_hyperparams, list them in static_args); got '
-      f'fused={fused!r}, state_8bit={state_8bit!r}.'
+      'fused=True, state_8bit=False and numbers or scalar arrays (not '
+      'schedules) for b1, b2, eps, eps_root, weight_decay, min_ratio and '
+      f'max_ratio; got fused={fused!r}, state_8bit={state_8bit!r}.'
     )
   return _checked('lamb', _maybe_diagnosed(chain, diagnostics), True)
 

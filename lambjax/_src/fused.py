@@ -5,7 +5,10 @@ same numbers leaf by leaf in one function (moments, direction, decay, norms,
 trust ratio, learning rate), with the *same state* as the chain (so a
 checkpoint of one loads into the other). The aliases choose them
 automatically where they apply (``fused=True``, the default) and fall back to
-the chain otherwise (a weight-decay schedule, Nesterov Adam).
+the chain otherwise (a weight-decay schedule, Nesterov Adam). Hyperparameters
+may be numbers or scalar arrays: ``optax.inject_hyperparams`` passes every
+number as one (traced under ``jax.jit``), and the pieces compute with it as
+the chain does.
 
 Why it is faster on XLA:CPU (see benchmarks/RESULTS.md): the chain
 materialises each stage's update tree, and ``optax.safe_norm`` reads every
@@ -57,6 +60,36 @@ def _times_ratios(x, ratio, lr_ratio_fn, stacked, name):
   if ratio is not None:
     x = x * ratio
   return _times_lr_ratio(x, lr_ratio_fn, stacked, name)
+
+
+def _static(*values: Any) -> bool:
+  """Whether every value is a Python/numpy number or ``None``: known when the
+  step is traced, so the per-leaf pieces may close over it."""
+  return all(v is None or base.is_static_number(v) for v in values)
+
+
+def _maybe_nonzero(x: Any) -> bool:
+  """False only for a static zero; an array (say one injected by
+  ``optax.inject_hyperparams``) may hold anything, as the chain assumes."""
+  return not base.is_static_number(x) or x != 0
+
+
+def _jit_pieces(*hyperparams: Any) -> Callable[[Callable[..., Any]], Any]:
+  """``jax.jit`` for the per-leaf pieces, unless a hyperparameter is a
+  concrete array.
+
+  ``optax.inject_hyperparams`` makes every number an array and rebuilds the
+  optimizer at each update. Under ``jax.jit`` those arrays are tracers, which
+  jitted pieces take as implicit arguments (traced once per leaf shape, as
+  with numbers). Called eagerly they are concrete: a jitted piece closing
+  over them would be compiled anew at every step, so the pieces run as plain
+  functions instead.
+  """
+  concrete = any(
+    isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer)
+    for v in hyperparams
+  )
+  return (lambda fn: fn) if concrete else jax.jit
 
 
 def _clamp(ratio, lo, hi):
@@ -303,13 +336,14 @@ def adam_family(
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if workspace and not trust:
     raise ValueError('workspace needs the trust ratio (LAMB).')
+  jit = _jit_pieces(b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
 
   # The per-leaf arithmetic, as jitted functions made once per optimizer:
   # traced once per leaf shape and dtype instead of op by op for every leaf,
   # and inlined by XLA, so the compiled step is the same (BERT-base: trace,
   # lower and compile in 0.78-0.90 of the time, benchmarks/RESULTS.md);
   # eager calls reuse their compilations from step to step.
-  @jax.jit
+  @jit
   def direction(g, mu, nu, p, bc1, bc2, e):
     """Moments, and the direction (decayed where ``p`` is given)."""
     m = (1 - b1) * g + b1 * mu
@@ -321,14 +355,14 @@ def adam_family(
       u = u + weight_decay * p
     return m, v, u
 
-  @jax.jit
+  @jit
   def trust_ratio(pp, uu, one):
     pn, un = _norm_from_sumsq(pp), _norm_from_sumsq(uu)
     zero = jnp.logical_or(pn == 0.0, un == 0.0)
     ratio = transform.guarded_ratio(pn, un, zero, one.dtype)
     return _clamp(ratio, min_ratio, max_ratio)
 
-  @jax.jit
+  @jit
   def bias_corrections(count):
     # Jitted so that eager steps compile it once: with a concrete ``count``,
     # ``b1**count`` is a static ``integer_pow``, a new program every step.
@@ -364,7 +398,11 @@ def adam_family(
       if params is not None
       else [None] * len(g_leaves)
     )
-    decay = base.leaf_flags(decay_mask, params) if weight_decay else None
+    decay = (
+      base.leaf_flags(decay_mask, params)
+      if _maybe_nonzero(weight_decay)
+      else None
+    )
     adapt = base.leaf_flags(trust_mask, params) if trust else None
     w_leaves = treedef.flatten_up_to(work) if workspace else None
     n = len(g_leaves)
@@ -386,7 +424,8 @@ def adam_family(
       if gate:
         # Through eps, not the bias corrections: XLA then rewrites the
         # divisions as before and the numbers stay bit for bit the same.
-        vdt = jnp.result_type(g, nu)
+        # An array eps keeps its own dtype, as in the chain's arithmetic.
+        vdt = jnp.result_type(g, nu) if _static(eps) else None
         e = after(jnp.asarray(eps, vdt), previous[-1])
       decayed = bool(decay is not None and decay[i])
       m, v, u = direction(g, mu, nu, p if decayed else None, bc1, bc2, e)
@@ -501,7 +540,9 @@ def norm_operand(g: jax.Array, p: jax.Array, wd: float) -> jax.Array:
   adds an exact ``-0.0``). The result has :func:`long_last_shape`, which is
   all a norm needs.
   """
-  neg_wd = after(jnp.asarray(-wd, p.dtype), _sumsq(p))
+  # In the dtype of ``wd * p``: ``p``'s for a Python number, wider for an
+  # array ``wd`` (as ``optax.inject_hyperparams`` passes it), as in the chain.
+  neg_wd = after(jnp.asarray(-wd, jnp.result_type(wd, p)), _sumsq(p))
   g, p = long_last(g, p)
   return g - neg_wd * p
 
@@ -532,13 +573,19 @@ def lars(
   """
 
   # Jitted once per optimizer, as in ``adam_family``.
-  @jax.jit
+  jit = _jit_pieces(
+    weight_decay, trust_coefficient, eps, momentum, min_ratio, max_ratio
+  )
+
+  @jit
   def trust_ratio(a, pp, one):
     an, pn = _norm_from_sumsq(a), _norm_from_sumsq(pp)
     fallback = jnp.logical_or(pn == 0.0, an == 0.0)
     if form == 'paddle':
-      if not weight_decay:
+      if not _maybe_nonzero(weight_decay):
         fallback = jnp.ones_like(fallback)
+      elif not _static(weight_decay):
+        fallback = jnp.logical_or(fallback, weight_decay == 0.0)
       den = an + weight_decay * pn + eps
     else:
       den = an + eps
@@ -547,7 +594,7 @@ def lars(
     )
     return _clamp(ratio, min_ratio, max_ratio)
 
-  @jax.jit
+  @jit
   def momentum_step(d, t, step):
     """The update and the new trace from the scaled direction ``d``."""
     u = step.astype(d.dtype) * d
@@ -570,7 +617,11 @@ def lars(
     axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
     # Large unstacked decayed leaves (optax form, XLA:CPU): the norm of ``d``
     # spelled apart (``norm_operand``), so that XLA does not write ``d`` out.
-    expand = form != 'paddle' and weight_decay and materialises_shared()
+    expand = (
+      form != 'paddle'
+      and _maybe_nonzero(weight_decay)
+      and materialises_shared()
+    )
     spelled = {
       i
       for i in range(n)
@@ -585,8 +636,8 @@ def lars(
       # What the norms need: ``(a, p, axis, dtype)``, ``a`` the array whose
       # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``.
       g, p = named[i][1], p_leaves[i]
-      wd = weight_decay if decay[i] else 0.0
-      ds[i] = g + wd * p if wd else g
+      decayed = decay[i] and _maybe_nonzero(weight_decay)
+      ds[i] = g + weight_decay * p if decayed else g
       if not adapt[i]:
         return None
       axis = axes[i]
@@ -622,5 +673,15 @@ def lars(
 
 
 def applies(values: Sequence[Any]) -> bool:
-  """The fast path needs static numbers for these hyperparameters."""
-  return all(base.is_static_number(v) or v is None for v in values)
+  """Whether the fast path takes these hyperparameters: numbers, ``None``, or
+  scalar arrays (``optax.inject_hyperparams`` passes every number as one);
+  not schedules, which only the chain evaluates."""
+  return all(
+    _static(v)
+    or (
+      isinstance(v, jax.Array | np.ndarray)
+      and np.ndim(v) == 0
+      and jnp.issubdtype(v.dtype, jnp.number)
+    )
+    for v in values
+  )
