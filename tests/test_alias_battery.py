@@ -207,6 +207,29 @@ def test_inject_hyperparams(name):
     lj.set_lr(si.inner_state, 0.1)
 
 
+def test_inject_hyperparams_adamw_dl_names_static_args():
+  """``layerwise_decay`` and ``n_layers`` fix every leaf's ratio from its
+  name when the optimizer is built: injected, they must be static, and the
+  error says how."""
+  params = {'layers_0': {'w': jnp.ones((2, 2))}, 'head': jnp.ones(2)}
+  g = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r'`n_layers`.*static_args'):
+    optax.inject_hyperparams(lj.adamw_dl)(learning_rate=1e-3).init(params)
+  tx = optax.inject_hyperparams(lj.adamw_dl, static_args=('n_layers',))(
+    learning_rate=1e-3, n_layers=2
+  )
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r'`layerwise_decay`.*static_args'):
+    jax.jit(tx.update)(g, state, params)
+  tx = optax.inject_hyperparams(
+    lj.adamw_dl, static_args=('layerwise_decay', 'n_layers')
+  )(learning_rate=1e-3, layerwise_decay=0.5, n_layers=2)
+  u, _ = jax.jit(tx.update)(g, tx.init(params), params)
+  ref = lj.adamw_dl(1e-3, layerwise_decay=0.5, n_layers=2)
+  r, _ = ref.update(g, ref.init(params), params)
+  chex.assert_trees_all_close(u, r, rtol=5e-5)
+
+
 class _MLP(nn.Module):
   @nn.compact
   def __call__(self, x):

@@ -75,10 +75,25 @@ def layerwise_lr_decay(decay_rate: float, n_layers: int, name: str) -> float:
   return 1.0
 
 
+# Both fix each parameter's ratio when the optimizer is built, from its name.
+_LAYERWISE_STATIC = (
+  " (under optax.inject_hyperparams pass static_args=('layerwise_decay', "
+  "'n_layers'))"
+)
+
+
 def _check_layerwise(where: str, decay_rate, n_layers) -> None:
+  if isinstance(decay_rate, jax.core.Tracer):
+    raise ValueError(
+      f'{where}: `layerwise_decay` must be a number, got a traced value'
+      f' {decay_rate!r}{_LAYERWISE_STATIC}.'
+    )
   base.check_number(where, 'layerwise_decay', decay_rate, lo=0.0, lo_open=True)
   if isinstance(n_layers, bool) or not isinstance(n_layers, int):
-    raise ValueError(f'{where}: `n_layers` must be an int, got {n_layers!r}.')
+    hint = _LAYERWISE_STATIC if isinstance(n_layers, jax.Array) else ''
+    raise ValueError(
+      f'{where}: `n_layers` must be an int, got {n_layers!r}{hint}.'
+    )
   if n_layers < 1:
     raise ValueError(f'{where}: `n_layers` must be >= 1, got {n_layers!r}.')
 
