@@ -164,6 +164,24 @@ OPTS = {
     lambda: lj.with_packed_state(lj.lamb(1e-3, weight_decay=0.01)),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
   ),
+  # Under optax.inject_hyperparams every numeric argument (b1, b2, eps,
+  # weight_decay, ...) is an array in the state, against optax's the same way.
+  'lamb_injected': (
+    lambda: optax.inject_hyperparams(lj.lamb)(1e-3, weight_decay=0.01),
+    lambda: optax.inject_hyperparams(optax.lamb)(1e-3, weight_decay=0.01),
+  ),
+  'lars_injected': (
+    lambda: optax.inject_hyperparams(lj.lars)(
+      0.1, weight_decay=1e-4, trust_coefficient=0.001
+    ),
+    lambda: optax.inject_hyperparams(optax.lars)(
+      0.1, weight_decay=1e-4, trust_coefficient=0.001
+    ),
+  ),
+  'adamw_injected': (
+    lambda: optax.inject_hyperparams(lj.adamw)(1e-3, weight_decay=0.01),
+    lambda: optax.inject_hyperparams(optax.adamw)(1e-3, weight_decay=0.01),
+  ),
   'lamb_8bit': (
     lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
