@@ -29,44 +29,85 @@ LAMB_MASKS_CLAMP = dict(
   lr_ratio_fn=lambda n: 0.5 if 'layers.0' in n else 1.0,
 )
 
-CONFIGS = {
-  'lamb': lambda f: lj.lamb(1e-2, weight_decay=0.01, fused=f),
-  'lamb_masks_clamp_ratio': lambda f: lj.lamb(**LAMB_MASKS_CLAMP, fused=f),
-  'lamb_bf16_moments': lambda f: lj.lamb(
-    1e-2,
-    weight_decay=0.01,
-    mu_dtype=jnp.bfloat16,
-    nu_dtype=jnp.bfloat16,
-    fused=f,
+# name: (alias, its arguments, the arguments optax.inject_hyperparams must
+# keep static: callables other than schedules, such as masks, lr ratios and
+# jnp.bfloat16).
+SPECS = {
+  'lamb': (lj.lamb, dict(learning_rate=1e-2, weight_decay=0.01), ()),
+  'lamb_masks_clamp_ratio': (
+    lj.lamb,
+    LAMB_MASKS_CLAMP,
+    ('mask', 'trust_ratio_mask', 'lr_ratio_fn'),
   ),
-  'adam': lambda f: lj.adam(_sched, b1=0.8, eps_root=1e-8, fused=f),
-  'adamw': lambda f: lj.adamw(
-    1e-2, weight_decay=0.1, mask=lj.mask_by_name('kernel'), fused=f
+  'lamb_bf16_moments': (
+    lj.lamb,
+    dict(
+      learning_rate=1e-2,
+      weight_decay=0.01,
+      mu_dtype=jnp.bfloat16,
+      nu_dtype=jnp.bfloat16,
+    ),
+    ('mu_dtype', 'nu_dtype'),
   ),
-  'adamw_dl': lambda f: lj.adamw_dl(
-    1e-2, layerwise_decay=0.7, n_layers=2, fused=f
+  'adam': (lj.adam, dict(learning_rate=_sched, b1=0.8, eps_root=1e-8), ()),
+  'adamw': (
+    lj.adamw,
+    dict(learning_rate=1e-2, weight_decay=0.1, mask=lj.mask_by_name('kernel')),
+    ('mask',),
   ),
-  'lars': lambda f: lj.lars(
-    0.5, weight_decay=0.01, trust_coefficient=0.1, fused=f
+  'adamw_dl': (
+    lj.adamw_dl,
+    dict(learning_rate=1e-2, layerwise_decay=0.7, n_layers=2),
+    ('layerwise_decay', 'n_layers'),
   ),
-  'lars_masks_nesterov': lambda f: lj.lars(
-    _sched,
-    weight_decay=0.02,
-    weight_decay_mask=lj.mask_by_name('kernel'),
-    trust_ratio_mask=lj.mask_by_name('kernel|emb'),
-    nesterov=True,
-    eps=1e-4,
-    min_ratio=0.01,
-    fused=f,
+  'lars': (
+    lj.lars,
+    dict(learning_rate=0.5, weight_decay=0.01, trust_coefficient=0.1),
+    (),
   ),
-  'lars_paddle': lambda f: lj.lars(
-    0.5,
-    weight_decay=0.01,
-    trust_coefficient=0.05,
-    trust_ratio_form='paddle',
-    weight_decay_mask=lj.mask_by_name('kernel'),
-    fused=f,
+  'lars_masks_nesterov': (
+    lj.lars,
+    dict(
+      learning_rate=_sched,
+      weight_decay=0.02,
+      weight_decay_mask=lj.mask_by_name('kernel'),
+      trust_ratio_mask=lj.mask_by_name('kernel|emb'),
+      nesterov=True,
+      eps=1e-4,
+      min_ratio=0.01,
+    ),
+    ('weight_decay_mask', 'trust_ratio_mask'),
   ),
+  'lars_paddle': (
+    lj.lars,
+    dict(
+      learning_rate=0.5,
+      weight_decay=0.01,
+      trust_coefficient=0.05,
+      trust_ratio_form='paddle',
+      weight_decay_mask=lj.mask_by_name('kernel'),
+    ),
+    ('weight_decay_mask',),
+  ),
+}
+
+
+def _built(fn, kwargs):
+  return lambda f: fn(**kwargs, fused=f)
+
+
+def _injected(fn, static=(), **kwargs):
+  """``fn`` under ``optax.inject_hyperparams``: every number (b1, b2, eps,
+  weight decay, clamps, momentum...) becomes a float32 array of its state."""
+  return lambda f: optax.inject_hyperparams(fn, static_args=static)(
+    **kwargs, fused=f
+  )
+
+
+CONFIGS = {name: _built(fn, kw) for name, (fn, kw, _) in SPECS.items()}
+# The same configurations, injected.
+INJECTED = {
+  name: _injected(fn, static, **kw) for name, (fn, kw, static) in SPECS.items()
 }
 
 
@@ -184,70 +225,6 @@ def test_fused_equals_chain_on_a_wide_tree(name):
   grads = _wide_grads(params, 4, seed=7)
   trajs, _ = _trajectories(name, params, grads)
   assert h.trajectory_rel_err(trajs[0], trajs[1]) < 1e-6
-
-
-def _injected(fn, static=(), **kwargs):
-  """``fn`` under ``optax.inject_hyperparams``: every number (b1, b2, eps,
-  weight decay, clamps, momentum...) becomes a float32 array of its state."""
-  return lambda f: optax.inject_hyperparams(fn, static_args=static)(
-    **kwargs, fused=f
-  )
-
-
-# The configurations of CONFIGS, injected; callables other than schedules
-# (masks, lr ratios) are static, as optax needs.
-INJECTED = {
-  'lamb': _injected(lj.lamb, learning_rate=1e-2, weight_decay=0.01),
-  'lamb_masks_clamp_ratio': _injected(
-    lj.lamb, ('mask', 'trust_ratio_mask', 'lr_ratio_fn'), **LAMB_MASKS_CLAMP
-  ),
-  'lamb_bf16_moments': _injected(
-    lj.lamb,
-    ('mu_dtype', 'nu_dtype'),  # jnp.bfloat16 is callable.
-    learning_rate=1e-2,
-    weight_decay=0.01,
-    mu_dtype=jnp.bfloat16,
-    nu_dtype=jnp.bfloat16,
-  ),
-  'adam': _injected(lj.adam, learning_rate=_sched, b1=0.8, eps_root=1e-8),
-  'adamw': _injected(
-    lj.adamw,
-    ('mask',),
-    learning_rate=1e-2,
-    weight_decay=0.1,
-    mask=lj.mask_by_name('kernel'),
-  ),
-  'adamw_dl': _injected(
-    lj.adamw_dl,
-    ('layerwise_decay', 'n_layers'),
-    learning_rate=1e-2,
-    layerwise_decay=0.7,
-    n_layers=2,
-  ),
-  'lars': _injected(
-    lj.lars, learning_rate=0.5, weight_decay=0.01, trust_coefficient=0.1
-  ),
-  'lars_masks_nesterov': _injected(
-    lj.lars,
-    ('weight_decay_mask', 'trust_ratio_mask'),
-    learning_rate=_sched,
-    weight_decay=0.02,
-    weight_decay_mask=lj.mask_by_name('kernel'),
-    trust_ratio_mask=lj.mask_by_name('kernel|emb'),
-    nesterov=True,
-    eps=1e-4,
-    min_ratio=0.01,
-  ),
-  'lars_paddle': _injected(
-    lj.lars,
-    ('weight_decay_mask',),
-    learning_rate=0.5,
-    weight_decay=0.01,
-    trust_coefficient=0.05,
-    trust_ratio_form='paddle',
-    weight_decay_mask=lj.mask_by_name('kernel'),
-  ),
-}
 
 
 def _spy_fast_path(monkeypatch) -> list[str]:
