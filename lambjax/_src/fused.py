@@ -582,10 +582,7 @@ def lars(
     an, pn = _norm_from_sumsq(a), _norm_from_sumsq(pp)
     fallback = jnp.logical_or(pn == 0.0, an == 0.0)
     if form == 'paddle':
-      if not _maybe_nonzero(weight_decay):
-        fallback = jnp.ones_like(fallback)
-      elif not _static(weight_decay):
-        fallback = jnp.logical_or(fallback, weight_decay == 0.0)
+      fallback = transform.paddle_fallback(fallback, weight_decay)
       den = an + weight_decay * pn + eps
     else:
       den = an + eps

@@ -119,6 +119,14 @@ def guarded_ratio(num, den, fallback, dtype) -> jax.Array:
   return jnp.where(fallback, one, num / den)
 
 
+def paddle_fallback(fallback: jax.Array, weight_decay) -> jax.Array:
+  """Paddle's LARS also takes ratio 1 where ``weight_decay`` is 0 (a static
+  zero, or an array such as ``optax.inject_hyperparams`` passes)."""
+  if base.is_static_number(weight_decay):
+    return jnp.ones_like(fallback) if weight_decay == 0.0 else fallback
+  return jnp.logical_or(fallback, weight_decay == 0.0)
+
+
 def _safe_norm(x: jax.Array) -> jax.Array:
   return optax.safe_norm(x, 0.0)
 
@@ -271,11 +279,9 @@ def scale_by_trust_ratio(
     keep = axis is not None
     param_norm = optax.safe_norm(param, 0.0, axis=axes, keepdims=keep)
     grad_norm = optax.safe_norm(grad, 0.0, axis=axes, keepdims=keep)
-    fallback = jnp.logical_or(param_norm == 0.0, grad_norm == 0.0)
-    if base.is_static_number(wd) and wd == 0.0:
-      fallback = jnp.ones_like(fallback)
-    else:
-      fallback = jnp.logical_or(fallback, wd == 0.0)
+    fallback = paddle_fallback(
+      jnp.logical_or(param_norm == 0.0, grad_norm == 0.0), wd
+    )
     ratio = guarded_ratio(
       trust_coefficient * param_norm,
       grad_norm + wd * param_norm + eps,
