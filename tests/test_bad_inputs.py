@@ -53,12 +53,6 @@ CASES = [
     r'`trust_ratio_mask`.*mask_by_name',
   ),
   ('lamb', lambda: lj.lamb(0.1, diagnostics=1), ValueError, r'`diagnostics`'),
-  (
-    'lamb',
-    lambda: lj.lamb(0.1, weight_decay=lambda c: 0.01, workspace=True),
-    ValueError,
-    r'workspace=True.*not schedules',
-  ),
   ('lars', lambda: lj.lars(0.1, momentum=-1.0), ValueError, r'`momentum`'),
   (
     'lars',

@@ -18,6 +18,11 @@ def _sched(c):
   return 0.02 * jnp.minimum(1.0, (c + 1) / 5.0)
 
 
+def _wd_sched(c):
+  """A weight-decay schedule that reaches zero at count 4 (and stays)."""
+  return 0.05 * jnp.maximum(0.0, 1.0 - c / 4.0)
+
+
 # LAMB with every per-leaf option: decay and trust masks, clamps, lr ratios.
 LAMB_MASKS_CLAMP = dict(
   learning_rate=_sched,
@@ -49,7 +54,24 @@ SPECS = {
     ),
     ('mu_dtype', 'nu_dtype'),
   ),
+  # A weight-decay schedule: its count lives in the decay link's state
+  # (optax's WeightDecaySchedule, in a MaskedState when masked).
+  'lamb_wd_schedule': (
+    lj.lamb,
+    dict(
+      learning_rate=1e-2,
+      weight_decay=_wd_sched,
+      mask=lj.mask_by_name('kernel'),
+    ),
+    ('mask',),
+  ),
   'adam': (lj.adam, dict(learning_rate=_sched, b1=0.8, eps_root=1e-8), ()),
+  'nadam': (lj.adam, dict(learning_rate=1e-2, b1=0.8, nesterov=True), ()),
+  'nadamw_wd_schedule': (
+    lj.adamw,
+    dict(learning_rate=_sched, weight_decay=_wd_sched, nesterov=True),
+    (),
+  ),
   'adamw': (
     lj.adamw,
     dict(learning_rate=1e-2, weight_decay=0.1, mask=lj.mask_by_name('kernel')),
@@ -77,6 +99,15 @@ SPECS = {
       min_ratio=0.01,
     ),
     ('weight_decay_mask', 'trust_ratio_mask'),
+  ),
+  'lars_wd_schedule': (
+    lj.lars,
+    dict(
+      learning_rate=0.5,
+      weight_decay=_wd_sched,
+      weight_decay_mask=lj.mask_by_name('kernel'),
+    ),
+    ('weight_decay_mask',),
   ),
   'lars_paddle': (
     lj.lars,
@@ -156,10 +187,12 @@ def _one_step_close(name, params, g, configs=CONFIGS):
 
 @pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
 @pytest.mark.parametrize('name', sorted(CONFIGS))
-def test_fused_equals_chain(name, use_jit):
+def test_fused_equals_chain(name, use_jit, monkeypatch):
+  built = _spy_fast_path(monkeypatch)
   params = _big_tree()
   grads = h.grads_sequence(params, 8, seed=3)
   trajs, states = _trajectories(name, params, grads, use_jit)
+  assert built, 'the fast path was not taken'
   # Under jit both compile to the same arithmetic up to fusion: 1e-6. Called
   # eagerly, the fused path still compiles its per-leaf pieces (``jax.jit``
   # inside, which also makes tracing it cheap), so it is compared with the
@@ -340,6 +373,27 @@ def test_injected_values_changed_at_run_time(fn, kw, changed):
 
 
 @pytest.mark.parametrize(
+  'name', ['lamb_wd_schedule', 'lars_wd_schedule', 'nadamw_wd_schedule']
+)
+def test_weight_decay_schedule_steps_do_not_retrace(name):
+  """The schedule is evaluated inside the step, at the count in the state:
+  one trace for every step, and each step's decay is the schedule's value
+  at that step (checked against the chain in the tests above)."""
+  params = h.to_jax(_big_tree())
+  tx = CONFIGS[name](True)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in h.grads_sequence(params, 5, seed=2):
+    u, state = step(h.to_jax(g), state, params)
+    params = optax.apply_updates(params, u)
+  assert step._cache_size() == 1  # noqa: SLF001
+  counts = [
+    x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.integer)
+  ]
+  assert [int(c) for c in counts] == [5] * len(counts)
+
+
+@pytest.mark.parametrize(
   ('name', 'piece'),
   [('lamb', 'direction'), ('adamw', 'direction'), ('lars', 'momentum_step')],
 )
@@ -352,7 +406,9 @@ def test_per_leaf_pieces_are_traced_once_per_signature(name, piece):
   h.assert_traced_once(jaxpr, piece, len(params))
 
 
-@pytest.mark.parametrize('name', ['lamb', 'lars'])
+@pytest.mark.parametrize(
+  'name', ['lamb', 'lars', 'lamb_wd_schedule', 'lars_wd_schedule', 'nadam']
+)
 def test_eager_steps_compile_the_pieces_once(name, caplog):
   """Called without ``jax.jit``, the second step reuses the first's
   compilations: the fast path compiles nothing per step. (Eagerly, jax
@@ -685,6 +741,7 @@ WORKSPACE_CONFIGS = {
     nu_dtype=jnp.bfloat16,
   ),
   'diagnostics': dict(learning_rate=1e-2, weight_decay=0.01, diagnostics=True),
+  'wd_schedule': dict(learning_rate=1e-2, weight_decay=_wd_sched),
 }
 
 
@@ -737,9 +794,12 @@ def test_workspace_changes_no_number(name):
   for t, (g, p_before) in enumerate(
     zip(grads, [params, *traj_a[:-1]], strict=True), start=1
   ):
+    # A schedule is read at the count before the step, as optax reads it.
+    wd_t = float(wd(t - 1)) if callable(wd) else wd
     r = jax.tree.map(
-      lambda g, s, p, dec, t=t: (
-        adam.direction(np.float64(g), s, t) + (wd * np.float64(p) if dec else 0)
+      lambda g, s, p, dec, t=t, wd_t=wd_t: (
+        adam.direction(np.float64(g), s, t)
+        + (wd_t * np.float64(p) if dec else 0)
       ),
       h.to_np64(g),
       st,

@@ -225,10 +225,9 @@ def _adam_like(
   )
   if (
     fused
-    and not nesterov
     and not state_8bit
     and fused_lib.applies(
-      (b1, b2, eps, eps_root, weight_decay if decoupled else 0.0)
+      (b1, b2, eps, eps_root), weight_decay if decoupled else 0.0
     )
   ):
     chain = fused_lib.adam_family(
@@ -247,6 +246,7 @@ def _adam_like(
       max_ratio=None,
       lr_ratio_fn=lr_ratio_fn,
       stacked=stacked,
+      nesterov=nesterov,
     )
   return _checked(where, chain, needs_params=decoupled)
 
@@ -382,7 +382,7 @@ def lamb(
     fused
     and not state_8bit
     and fused_lib.applies(
-      (b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
+      (b1, b2, eps, eps_root, min_ratio, max_ratio), weight_decay
     )
   ):
     chain = fused_lib.adam_family(
@@ -408,9 +408,9 @@ def lamb(
   elif workspace:
     raise ValueError(
       'lamb: `workspace=True` needs the fused fast path, which runs with '
-      'fused=True, state_8bit=False and numbers or scalar arrays (not '
-      'schedules) for b1, b2, eps, eps_root, weight_decay, min_ratio and '
-      f'max_ratio; got fused={fused!r}, state_8bit={state_8bit!r}.'
+      'fused=True and state_8bit=False (and numbers, scalar arrays or a '
+      f'weight-decay schedule); got fused={fused!r}, '
+      f'state_8bit={state_8bit!r}.'
     )
   return _checked('lamb', _maybe_diagnosed(chain, diagnostics), True)
 
@@ -559,7 +559,7 @@ def lars(
     fused
     and not state_8bit
     and fused_lib.applies(
-      (weight_decay, trust_coefficient, eps, momentum, min_ratio, max_ratio)
+      (trust_coefficient, eps, momentum, min_ratio, max_ratio), weight_decay
     )
   ):
     chain = fused_lib.lars(

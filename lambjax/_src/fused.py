@@ -5,10 +5,11 @@ same numbers leaf by leaf in one function (moments, direction, decay, norms,
 trust ratio, learning rate), with the *same state* as the chain (so a
 checkpoint of one loads into the other). The aliases choose them
 automatically where they apply (``fused=True``, the default) and fall back to
-the chain otherwise (a weight-decay schedule, Nesterov Adam). Hyperparameters
-may be numbers or scalar arrays: ``optax.inject_hyperparams`` passes every
-number as one (traced under ``jax.jit``), and the pieces compute with it as
-the chain does.
+the chain otherwise (8-bit state). Hyperparameters may be numbers or scalar
+arrays: ``optax.inject_hyperparams`` passes every number as one (traced under
+``jax.jit``), and the pieces compute with it as the chain does. A
+weight-decay schedule is evaluated at the decay link's own count, in the
+link's own state, as ``optax.add_decayed_weights`` does.
 
 Why it is faster on XLA:CPU (see benchmarks/RESULTS.md): the chain
 materialises each stage's update tree, and ``optax.safe_norm`` reads every
@@ -90,6 +91,27 @@ def _jit_pieces(*hyperparams: Any) -> Callable[[Callable[..., Any]], Any]:
     for v in hyperparams
   )
   return (lambda fn: fn) if concrete else jax.jit
+
+
+def scheduled_decay(weight_decay: Any, link_state: Any) -> tuple[Any, Any]:
+  """This step's weight decay and the decay link's next state.
+
+  For a number (or array) ``weight_decay``: itself, and ``link_state``
+  unchanged. For a schedule: its value at the count in
+  ``optax.add_decayed_weights``'s state (``WeightDecaySchedule``, inside
+  ``optax.MaskedState`` when masked), as an array, and that count advanced
+  as the link advances it, so the state is the chain's.
+  """
+  if not callable(weight_decay):
+    return weight_decay, link_state
+  if isinstance(link_state, optax.MaskedState):
+    wd, inner = scheduled_decay(weight_decay, link_state.inner_state)
+    return wd, link_state._replace(inner_state=inner)
+  count = link_state.count
+  # An array even where the schedule returns a Python number: a zero from a
+  # schedule is still multiplied in (``0 * inf`` is NaN), as in the chain.
+  wd = jnp.asarray(weight_decay(count))
+  return wd, link_state._replace(count=optax.safe_increment(count))
 
 
 def _clamp(ratio, lo, hi):
@@ -317,12 +339,14 @@ def adam_family(
   stacked: stacking.Stacked | None = None,
   workspace: bool = False,
   nu_dtype: Any = None,
+  nesterov: bool = False,
 ) -> optax.GradientTransformation:
-  """Adam / AdamW / AdamWDL / LAMB in one function per leaf.
+  """Adam / AdamW / AdamWDL / LAMB (Nesterov's too) in one function per leaf.
 
   ``chain`` must be ``scale_by_adam -> [add_decayed_weights] ->
   [scale_by_trust_ratio] -> [scale_by_lr_ratio] -> scale_by_learning_rate``;
-  its state is used unchanged (stateless links pass through). With
+  its state is used unchanged (stateless links pass through; a weight-decay
+  schedule's count advances as in the chain). With
   ``record_index``, the chain's trust-ratio link records its ratios
   (``TrustRatioState`` at that index of the chain state) and so does this.
 
@@ -344,15 +368,24 @@ def adam_family(
   # lower and compile in 0.78-0.90 of the time, benchmarks/RESULTS.md);
   # eager calls reuse their compilations from step to step.
   @jit
-  def direction(g, mu, nu, p, bc1, bc2, e):
-    """Moments, and the direction (decayed where ``p`` is given)."""
+  def direction(g, mu, nu, p, bcs, e, wd):
+    """Moments, and the direction (decayed where ``p`` is given).
+
+    ``bcs``: the bias corrections ``(1 - b1^t, 1 - b2^t[, 1 - b1^(t+1)])``;
+    ``e``, ``wd``: eps and the weight decay where they are this step's arrays
+    (``None``: the optimizer's own)."""
     m = (1 - b1) * g + b1 * mu
     v = (1 - b2) * (g * g) + b2 * nu
-    m_hat = m / bc1.astype(m.dtype)
-    v_hat = v / bc2.astype(v.dtype)
+    if nesterov:  # optax.scale_by_adam(nesterov=True): NAdam's m_hat.
+      m_hat = b1 * (m / bcs[2].astype(m.dtype)) + (1 - b1) * (
+        g / bcs[0].astype(g.dtype)
+      )
+    else:
+      m_hat = m / bcs[0].astype(m.dtype)
+    v_hat = v / bcs[1].astype(v.dtype)
     u = m_hat / (jnp.sqrt(v_hat + eps_root) + (eps if e is None else e))
     if p is not None:
-      u = u + weight_decay * p
+      u = u + (weight_decay if wd is None else wd) * p
     return m, v, u
 
   @jit
@@ -366,6 +399,8 @@ def adam_family(
   def bias_corrections(count):
     # Jitted so that eager steps compile it once: with a concrete ``count``,
     # ``b1**count`` is a static ``integer_pow``, a new program every step.
+    if nesterov:
+      return 1 - b1**count, 1 - b2**count, 1 - b1 ** optax.safe_increment(count)
     return 1 - b1**count, 1 - b2**count
 
   def init_fn(params):
@@ -388,7 +423,11 @@ def adam_family(
     adam = state[0]
     step, lr_state = _step_and_lr_state(lr_tx, state[-1])
     count = optax.safe_increment(adam.count)
-    bc1, bc2 = bias_corrections(count)
+    bcs = bias_corrections(count)
+    links = list(state[1:-1])  # The decay link first, where there is one.
+    wd = None
+    if callable(weight_decay):
+      wd, links[0] = scheduled_decay(weight_decay, links[0])
     named, treedef = base.flatten_with_names(updates)
     g_leaves = [x for _, x in named]
     mu_leaves = treedef.flatten_up_to(adam.mu)
@@ -428,7 +467,7 @@ def adam_family(
         vdt = jnp.result_type(g, nu) if _static(eps) else None
         e = after(jnp.asarray(eps, vdt), previous[-1])
       decayed = bool(decay is not None and decay[i])
-      m, v, u = direction(g, mu, nu, p if decayed else None, bc1, bc2, e)
+      m, v, u = direction(g, mu, nu, p if decayed else None, bcs, e, wd)
       if workspace:
         # r leaves in the state, so XLA writes it into the donated buffer
         # instead of a fresh temporary (zero-size buffers: not adapted). The
@@ -473,7 +512,7 @@ def adam_family(
     in_windows([np.size(x) for x in g_leaves], first, window_ratios, last)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     new_adam = adam._replace(count=count, mu=unflat(out_m), nu=unflat(out_v))
-    new_state = [new_adam, *state[1:-1], lr_state]
+    new_state = [new_adam, *links, lr_state]
     if record_index is not None:
       new_state[record_index] = transform.recorded(
         unflat, ratios, transform.init_trust_ratios(params, stacked)
@@ -604,6 +643,9 @@ def lars(
       raise ValueError(base.NO_PARAMS_MSG)
     trace_state = state[-1]
     step, lr_state = _step_and_lr_state(lr_tx, state[-2])
+    # A schedule (optax form only) is in the decay link, the first.
+    links = list(state[:-2])
+    wd, links[0] = scheduled_decay(weight_decay, links[0])
     named, treedef = base.flatten_with_names(updates)
     p_leaves = treedef.flatten_up_to(params)
     t_leaves = treedef.flatten_up_to(trace_state.trace)
@@ -614,11 +656,7 @@ def lars(
     axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
     # Large unstacked decayed leaves (optax form, XLA:CPU): the norm of ``d``
     # spelled apart (``norm_operand``), so that XLA does not write ``d`` out.
-    expand = (
-      form != 'paddle'
-      and _maybe_nonzero(weight_decay)
-      and materialises_shared()
-    )
+    expand = form != 'paddle' and _maybe_nonzero(wd) and materialises_shared()
     spelled = {
       i
       for i in range(n)
@@ -633,15 +671,15 @@ def lars(
       # What the norms need: ``(a, p, axis, dtype)``, ``a`` the array whose
       # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``.
       g, p = named[i][1], p_leaves[i]
-      decayed = decay[i] and _maybe_nonzero(weight_decay)
-      ds[i] = g + weight_decay * p if decayed else g
+      decayed = decay[i] and _maybe_nonzero(wd)
+      ds[i] = g + wd * p if decayed else g
       if not adapt[i]:
         return None
       axis = axes[i]
       if form == 'paddle':
         return g, p, axis, p.dtype
       if i in spelled:
-        return norm_operand(g, p, weight_decay), p, None, p.dtype
+        return norm_operand(g, p, wd), p, None, p.dtype
       return ds[i], p, axis, p.dtype  # Direct: small, per slice, no decay.
 
     def window_ratios(entries):
@@ -659,7 +697,7 @@ def lars(
     in_windows([np.size(p) for p in p_leaves], first, window_ratios, last)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     new_trace = trace_state._replace(trace=unflat(out_t))
-    new_state = [*state[:-2], lr_state, new_trace]
+    new_state = [*links, lr_state, new_trace]
     if record_index is not None:
       new_state[record_index] = transform.recorded(
         unflat, ratios, transform.init_trust_ratios(params, stacked)
@@ -669,16 +707,19 @@ def lars(
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
-def applies(values: Sequence[Any]) -> bool:
+def _takes(v: Any) -> bool:
+  """A number, ``None`` or a scalar numeric array."""
+  return _static(v) or (
+    isinstance(v, jax.Array | np.ndarray)
+    and np.ndim(v) == 0
+    and jnp.issubdtype(v.dtype, jnp.number)
+  )
+
+
+def applies(values: Sequence[Any], weight_decay: Any = None) -> bool:
   """Whether the fast path takes these hyperparameters: numbers, ``None``, or
   scalar arrays (``optax.inject_hyperparams`` passes every number as one);
-  not schedules, which only the chain evaluates."""
-  return all(
-    _static(v)
-    or (
-      isinstance(v, jax.Array | np.ndarray)
-      and np.ndim(v) == 0
-      and jnp.issubdtype(v.dtype, jnp.number)
-    )
-    for v in values
+  ``weight_decay`` may also be a schedule (:func:`scheduled_decay`)."""
+  return (callable(weight_decay) or _takes(weight_decay)) and all(
+    _takes(v) for v in values
   )
