@@ -140,6 +140,8 @@ def _decay_mask(params):
   }
 
 
+_WD_SCHEDULE = optax.linear_schedule(0.04, 0.4, 10_000)
+
 OPTS = {
   'lamb': (
     lambda: lj.lamb(1e-3, weight_decay=0.01),
@@ -181,6 +183,30 @@ OPTS = {
   'adamw_injected': (
     lambda: optax.inject_hyperparams(lj.adamw)(1e-3, weight_decay=0.01),
     lambda: optax.inject_hyperparams(optax.adamw)(1e-3, weight_decay=0.01),
+  ),
+  # A weight-decay schedule (DINO/ViT-style, rising 0.04 -> 0.4) and NAdamW.
+  # optax.lamb / optax.lars take no schedule, so their own chains with one.
+  'lamb_wd_schedule': (
+    lambda: lj.lamb(1e-3, weight_decay=_WD_SCHEDULE),
+    lambda: optax.chain(
+      optax.scale_by_adam(eps=1e-6),
+      optax.add_decayed_weights(_WD_SCHEDULE),
+      optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(1e-3),
+    ),
+  ),
+  'lars_wd_schedule': (
+    lambda: lj.lars(0.1, weight_decay=_WD_SCHEDULE, trust_coefficient=0.001),
+    lambda: optax.chain(
+      optax.add_decayed_weights(_WD_SCHEDULE),
+      optax.scale_by_trust_ratio(trust_coefficient=0.001),
+      optax.scale_by_learning_rate(0.1),
+      optax.trace(decay=0.9),
+    ),
+  ),
+  'nadamw': (
+    lambda: lj.adamw(1e-3, weight_decay=0.01, nesterov=True),
+    lambda: optax.nadamw(1e-3, weight_decay=0.01),
   ),
   'lamb_8bit': (
     lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
