@@ -212,6 +212,10 @@ OPTS = {
     lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
   ),
+  'adamw_8bit': (
+    lambda: lj.adamw(1e-3, weight_decay=0.01, state_8bit=True),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
   'lamb_bf16': (
     lambda: lj.lamb(
       1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
