@@ -1,6 +1,7 @@
 """A/B of the fast path: ``lambjax/_src/fused.py`` at a git revision against
 the working tree's, in one process (the machine is noisy; runs in separate
-processes are not comparable to a few percent).
+processes are not comparable to a few percent). ``--module quantized`` does
+the same for the 8-bit state (``lambjax/_src/quantized.py``).
 
 Both versions build the same optimizer on the same tree. Step time: the two
 compiled steps run interleaved for ``--rounds`` rounds (order alternating),
@@ -11,6 +12,7 @@ An A/A run (``--rev`` equal to the working tree) of this harness has read
 
     python benchmarks/ab_fused.py --rev HEAD~1 --tree bert --opt lamb
     python benchmarks/ab_fused.py --rev HEAD~1 --tree many_small --n 500
+    python benchmarks/ab_fused.py --rev HEAD~1 --module quantized --opt lamb_8bit
 
 Where the checkout has no git history (the device machine), save the old
 module first and pass it as a file; on an accelerator time 20 steps a round:
@@ -36,6 +38,13 @@ from bench_step import TREES, Roof, Runner, make_tree
 import lambjax as lj
 from lambjax._src import alias
 from lambjax._src import fused as new_fused
+from lambjax._src import quantized as new_quantized
+
+# The modules this harness swaps: the name alias.py imports each as.
+MODULES = {
+  'fused': ('fused_lib', new_fused),
+  'quantized': ('quantized', new_quantized),
+}
 
 OPTS = {
   'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
@@ -47,36 +56,40 @@ OPTS = {
   'adam': lambda: lj.adam(1e-3),
   'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3, 0.01),
   'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
+  'lamb_8bit': lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
+  'adamw_8bit': lambda: lj.adamw(1e-3, weight_decay=0.01, state_8bit=True),
 }
 
 
-def fused_at(rev: str, old_file: str | None = None):
-  """``fused.py`` at ``rev`` (or read from ``old_file``) as a module."""
+def module_at(rev: str, old_file: str | None = None, name: str = 'fused'):
+  """``lambjax/_src/<name>.py`` at ``rev`` (or read from ``old_file``) as a
+  module."""
   if old_file is not None:
     src = pathlib.Path(old_file).read_text()
   else:
     root = pathlib.Path(__file__).resolve().parents[1]
     src = subprocess.run(
-      ['git', 'show', f'{rev}:lambjax/_src/fused.py'],
+      ['git', 'show', f'{rev}:lambjax/_src/{name}.py'],
       capture_output=True,
       text=True,
       check=True,
       cwd=root,
     ).stdout
-  spec = importlib.util.spec_from_loader('lambjax._src.fused_ab', loader=None)
+  spec = importlib.util.spec_from_loader(f'lambjax._src.{name}_ab', loader=None)
   mod = importlib.util.module_from_spec(spec)
-  exec(compile(src, f'fused.py@{rev}', 'exec'), mod.__dict__)
+  exec(compile(src, f'{name}.py@{rev}', 'exec'), mod.__dict__)
   return mod
 
 
-def build(opt: str, module):
-  """The optimizer with ``module`` as its fast path."""
-  current = alias.fused_lib
-  alias.fused_lib = module
+def build(opt: str, module, name: str = 'fused'):
+  """The optimizer built with ``module`` as its ``name`` module."""
+  attr = MODULES[name][0]
+  current = getattr(alias, attr)
+  setattr(alias, attr, module)
   try:
     return OPTS[opt]()
   finally:
-    alias.fused_lib = current
+    setattr(alias, attr, current)
 
 
 def compile_s(tx, shapes) -> tuple[float, int]:
@@ -101,7 +114,8 @@ def main(argv=None):
   ap.add_argument('--opt', default='lamb', choices=sorted(OPTS))
   ap.add_argument('--rounds', type=int, default=15)
   ap.add_argument('--compiles', type=int, default=3)
-  ap.add_argument('--old-file', default=None, help='old fused.py (no git)')
+  ap.add_argument('--old-file', default=None, help='old module file (no git)')
+  ap.add_argument('--module', default='fused', choices=sorted(MODULES))
   ap.add_argument(
     '--inner',
     type=int,
@@ -110,11 +124,11 @@ def main(argv=None):
   )
   args = ap.parse_args(argv)
   shapes = TREES[args.tree]() if args.n is None else TREES[args.tree](args.n)
-  old = fused_at(args.rev, args.old_file)
+  old = module_at(args.rev, args.old_file, args.module)
   inner = args.inner or (1 if jax.default_backend() == 'cpu' else 20)
-  impls = {'old': old, 'new': new_fused}
+  impls = {'old': old, 'new': MODULES[args.module][1]}
   print(
-    f'# {args.tree} ({len(shapes)} leaves), {args.opt}: '
+    f'# {args.tree} ({len(shapes)} leaves), {args.opt}, {args.module}.py: '
     f'{args.old_file or args.rev} vs tree; {jax.default_backend()}, '
     f'{inner} step(s) a round'
   )
@@ -124,7 +138,9 @@ def main(argv=None):
   for r in range(args.compiles):
     order = list(impls) if r % 2 == 0 else list(impls)[::-1]
     for k in order:
-      seconds, temps[k] = compile_s(build(args.opt, impls[k]), shapes)
+      seconds, temps[k] = compile_s(
+        build(args.opt, impls[k], args.module), shapes
+      )
       compiles[k].append(seconds)
   ratio = statistics.median(
     n / o for n, o in zip(compiles['new'], compiles['old'], strict=True)
@@ -144,7 +160,8 @@ def main(argv=None):
 
   grads = make_tree(shapes, 1)
   runners = {
-    k: Runner(k, build(args.opt, m), shapes, grads) for k, m in impls.items()
+    k: Runner(k, build(args.opt, m, args.module), shapes, grads)
+    for k, m in impls.items()
   }
   roof = Roof(shapes)
   times = {k: [] for k in runners}

@@ -64,20 +64,34 @@ def _unblocks(b: jax.Array, shape) -> jax.Array:
   return b.reshape(-1)[:size].reshape(shape)
 
 
-def quantize_signed(x: jax.Array) -> QuantizedTensor:
-  """Linear absmax int8 per block (round to nearest): |error| <= max/254."""
-  b = _blocks(x)
+# The 8-bit steps compute in the block layout (``_blocks``: ``(n, BLOCK)``)
+# and reshape only the results: XLA:CPU's loops over a 4-D conv kernel's
+# shape cost more than over the blocks (ResNet-50, benchmarks/RESULTS.md).
+
+
+def _quantized(quantize_blocks, x: jax.Array) -> QuantizedTensor:
+  codes, scale = quantize_blocks(_blocks(x))
+  return QuantizedTensor(_unblocks(codes, x.shape), scale)
+
+
+def _signed_blocks(b: jax.Array) -> tuple[jax.Array, jax.Array]:
   scale = jnp.max(jnp.abs(b), axis=1)
   safe = jnp.where(scale > 0, scale, 1.0)
   codes = jnp.clip(jnp.round(b / safe[:, None] * 127.0), -127, 127)
-  return QuantizedTensor(
-    _unblocks(codes.astype(jnp.int8), x.shape), scale.astype(jnp.float32)
-  )
+  return codes.astype(jnp.int8), scale.astype(jnp.float32)
+
+
+def _dequantized_signed_blocks(q: QuantizedTensor) -> jax.Array:
+  return _blocks(q.codes) * (q.scale[:, None] / 127.0)
+
+
+def quantize_signed(x: jax.Array) -> QuantizedTensor:
+  """Linear absmax int8 per block (round to nearest): |error| <= max/254."""
+  return _quantized(_signed_blocks, x)
 
 
 def dequantize_signed(q: QuantizedTensor) -> jax.Array:
-  b = _blocks(q.codes)
-  return _unblocks(b * (q.scale[:, None] / 127.0), q.codes.shape)
+  return _unblocks(_dequantized_signed_blocks(q), q.codes.shape)
 
 
 def quantize_positive(x: jax.Array) -> QuantizedTensor:
@@ -87,7 +101,10 @@ def quantize_positive(x: jax.Array) -> QuantizedTensor:
   (and negatives). Rounded exactly: the code is that of the float32 ratio
   ``x / max`` with the logarithm taken in exact arithmetic.
   """
-  b = _blocks(x)
+  return _quantized(_positive_blocks, x)
+
+
+def _positive_blocks(b: jax.Array) -> tuple[jax.Array, jax.Array]:
   scale = jnp.max(b, axis=1)
   safe = jnp.where(scale > 0, scale, 1.0)
   ratio = b / safe[:, None]
@@ -100,9 +117,7 @@ def quantize_positive(x: jax.Array) -> QuantizedTensor:
   m = jax.lax.bitcast_convert_type((bits & 0x7FFFFF) | 0x3F800000, jnp.float32)
   k = sum((m >= t).astype(jnp.int32) for t in _THRESHOLDS)  # round(16 log2 m)
   codes = jnp.where(pos, jnp.clip(-_LOG_STEPS * e - k, 0, 254), 255)
-  return QuantizedTensor(
-    _unblocks(codes.astype(jnp.uint8), x.shape), scale.astype(jnp.float32)
-  )
+  return codes.astype(jnp.uint8), scale.astype(jnp.float32)
 
 
 def dequantize_positive(q: QuantizedTensor) -> jax.Array:
@@ -112,13 +127,17 @@ def dequantize_positive(q: QuantizedTensor) -> jax.Array:
   error below ``2**-21``, as ``exp2``'s; the selects and products, unlike
   ``exp2``, are cheap enough for XLA to fuse into each consumer, so no
   dequantized copy is written (benchmarks/RESULTS.md)."""
+  return _unblocks(_dequantized_positive_blocks(q), q.codes.shape)
+
+
+def _dequantized_positive_blocks(q: QuantizedTensor) -> jax.Array:
   c = _blocks(q.codes, jnp.int32)
   value = jax.lax.bitcast_convert_type((127 - (c >> 4)) << 23, jnp.float32)
   for bit in range(4):
     on = (c & (1 << bit)) != 0
     value = value * jnp.where(on, _BIT_FACTORS[bit], jnp.float32(1.0))
   value = q.scale[:, None] * value
-  return _unblocks(jnp.where(c >= 255, 0.0, value), q.codes.shape)
+  return jnp.where(c >= 255, 0.0, value)
 
 
 def _zeros(x, quantize):
@@ -197,11 +216,17 @@ def scale_by_adam_8bit(
   # not op by op for every leaf, and inlined by XLA (the same program).
   @jax.jit
   def leaf(g, mq, vq, bc1, bc2):
-    g32 = g.astype(jnp.float32)
-    m = (1 - b1) * g32 + b1 * dequantize_signed(mq)
-    v = (1 - b2) * g32 * g32 + b2 * dequantize_positive(vq)
+    g32 = _blocks(g)  # In the block layout; only the results are reshaped.
+    m = (1 - b1) * g32 + b1 * _dequantized_signed_blocks(mq)
+    v = (1 - b2) * g32 * g32 + b2 * _dequantized_positive_blocks(vq)
     u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-    return u.astype(g.dtype), quantize_signed(m), quantize_positive(v)
+    mc, ms = _signed_blocks(m)
+    vc, vs = _positive_blocks(v)
+    return (
+      _unblocks(u, g.shape).astype(g.dtype),
+      QuantizedTensor(_unblocks(mc, g.shape), ms),
+      QuantizedTensor(_unblocks(vc, g.shape), vs),
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -268,8 +293,12 @@ def trace_8bit(decay: float = 0.9) -> optax.GradientTransformation:
 
   @jax.jit  # Once per transformation, as in ``scale_by_adam_8bit``.
   def leaf(u, tq):
-    t = u.astype(jnp.float32) + decay * dequantize_signed(tq)
-    return t.astype(u.dtype), quantize_signed(t)
+    t = _blocks(u) + decay * _dequantized_signed_blocks(tq)
+    codes, scale = _signed_blocks(t)
+    return (
+      _unblocks(t, u.shape).astype(u.dtype),
+      QuantizedTensor(_unblocks(codes, u.shape), scale),
+    )
 
   def update_fn(updates, state, params=None):
     del params
