@@ -1,5 +1,6 @@
 """One optimizer's step with its weight decay as a number, a schedule and an
-injected array, side by side in one process.
+injected array (and with a learning-rate schedule), side by side in one
+process.
 
     python benchmarks/decay_forms.py --opt lars --rounds 41
 
@@ -23,12 +24,17 @@ from bench_step import _WD_SCHEDULE, TREES, make_step, make_tree
 import lambjax as lj
 
 FORMS = {
-  'lars': lambda wd, inject=False: (
+  'lars': lambda wd, inject=False, lr=0.1: (
     optax.inject_hyperparams(lj.lars) if inject else lj.lars
-  )(0.1, weight_decay=wd, trust_coefficient=0.001),
-  'lamb': lambda wd, inject=False: (
+  )(lr, weight_decay=wd, trust_coefficient=0.001),
+  'lamb': lambda wd, inject=False, lr=1e-3: (
     optax.inject_hyperparams(lj.lamb) if inject else lj.lamb
-  )(1e-3, weight_decay=wd),
+  )(lr, weight_decay=wd),
+}
+# A learning-rate schedule (its count advanced in place, like the decay's).
+_LR_SCHEDULE = {
+  'lars': optax.linear_schedule(0.1, 0.2, 10_000),
+  'lamb': optax.linear_schedule(1e-3, 2e-3, 10_000),
 }
 
 
@@ -43,6 +49,7 @@ def main(argv=None):
     'number': make(1e-4),
     'schedule': make(_WD_SCHEDULE),
     'injected': make(1e-4, inject=True),
+    'lr_schedule': make(1e-4, lr=_LR_SCHEDULE[a.opt]),
   }
   shapes = TREES[a.tree]()
   runs = {}
