@@ -157,6 +157,99 @@ def test_adam_8bit_matches_numpy_reference():
       assert np.mean(err < 1e-4) > 0.99 and err.max() < 0.1, (k, err.max())
 
 
+def _numpy_trace_8bit(grads_list, decay):
+  """float64 numpy heavy-ball momentum with the linear int8 block code."""
+  t = {k: np.zeros(np.shape(g)) for k, g in grads_list[0].items()}
+  out = []
+  for g in grads_list:
+    step = {}
+    for k in g:
+      new = np.asarray(g[k], np.float64) + decay * t[k]
+      b, n = _blocks64(new)
+      s = np.abs(b).max(1)
+      c = np.round(b / np.where(s > 0, s, 1)[:, None] * 127)
+      step[k] = new
+      t[k] = (c * (s[:, None] / 127)).ravel()[:n].reshape(np.shape(new))
+    out.append(step)
+  return out
+
+
+# Odd leaves for the block layout: a scalar, an empty leaf, sizes that are
+# not a multiple of 256, a 4-D conv kernel (4.5 blocks), exactly one block.
+ODD_SHAPES = {
+  'scalar': (),
+  'empty': (0, 4),
+  'vec': (1000,),
+  'conv': (16, 8, 3, 3),
+  'block': (256,),
+  'tall': (300, 7),
+}
+
+
+def _odd_params_and_grads(steps, seed=6):
+  rng = np.random.default_rng(seed)
+  params = {k: rng.standard_normal(s) for k, s in ODD_SHAPES.items()}
+  grads = [
+    {
+      k: rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 0, s)
+      for k, s in ODD_SHAPES.items()
+    }
+    for _ in range(steps)
+  ]
+  return params, grads
+
+
+@pytest.mark.parametrize('which', ['adam', 'trace'])
+def test_8bit_odd_leaves_match_numpy_reference_under_jit(which):
+  """Computed in the block layout, reshaped back: shapes, dtypes and values
+  of odd leaves match the float64 reference; the step traces once."""
+  params, grads = _odd_params_and_grads(5)
+  if which == 'adam':
+    tx = lj.scale_by_adam_8bit(eps=1e-6)
+    want = _numpy_adam_8bit(params, grads)
+  else:
+    tx = lj.trace_8bit(0.9)
+    want = _numpy_trace_8bit(grads, 0.9)
+  state = tx.init(h.to_jax(params))
+  step = jax.jit(tx.update)
+  for g, ref in zip(grads, want, strict=True):
+    u, state = step(h.to_jax(g), state)
+    for k, shape in ODD_SHAPES.items():
+      assert u[k].shape == shape and u[k].dtype == jnp.float32
+      if not np.prod(shape):
+        continue
+      err = np.abs(np.asarray(u[k]) - ref[k]) / (np.abs(ref[k]) + 1e-3)
+      assert np.mean(err < 1e-4) > 0.99 and err.max() < 0.1, (k, err.max())
+  assert step._cache_size() == 1  # noqa: SLF001
+
+
+@pytest.mark.parametrize('make', [lj.lamb, lj.lars, lj.adamw])
+def test_8bit_bf16_params_keep_their_dtype(make):
+  """bf16 params and grads: bf16 updates, each step within bf16 rounding
+  (2e-2 of the leaf's largest update) of a float32 run on the same values."""
+  params, grads = _odd_params_and_grads(3, seed=7)
+
+  def as_dtype(tree, dt):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16).astype(dt), tree)
+
+  runs = {}
+  for dt in (jnp.float32, jnp.bfloat16):
+    tx = make(1e-2, weight_decay=0.01, state_8bit=True)
+    p = as_dtype(params, dt)
+    s = tx.init(p)
+    step = jax.jit(tx.update)
+    runs[dt] = []
+    for g in grads:
+      u, s = step(as_dtype(g, dt), s, p)
+      chex.assert_trees_all_equal_dtypes(u, p)
+      runs[dt].append(u)
+  for lo, hi in zip(runs[jnp.bfloat16], runs[jnp.float32], strict=True):
+    for x, y in zip(jax.tree.leaves(lo), jax.tree.leaves(hi), strict=True):
+      x, y = np.asarray(x, np.float32), np.asarray(y)
+      if y.size:
+        assert np.max(np.abs(x - y)) <= 2e-2 * np.max(np.abs(y)) + 1e-12
+
+
 def _bert_like():
   rng = np.random.default_rng(3)
   shapes = {
