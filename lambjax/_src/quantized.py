@@ -18,9 +18,8 @@ BLOCK = 256
 # range; code 255 also stands for exact zeros.
 _LOG_STEPS = 16
 # The code is computed from the float's bits, not with log2/exp2 (XLA:CPU
-# takes about 2 ns an element for each; without them 8-bit LAMB and AdamW
-# steps take 0.76-0.78 of the time on BERT-base, benchmarks/RESULTS.md, "The
-# 8-bit log code without log2 and exp2"). For r = m 2**e (m in [1, 2)),
+# takes about 2 ns an element for each: benchmarks/RESULTS.md, "The 8-bit
+# log code without log2 and exp2"). For r = m 2**e (m in [1, 2)),
 # round(16 log2 m) is the number of thresholds 2**((j + 1/2) / 16) that m
 # reaches, and 2**(-k / 16) is a power of two times one constant per set bit
 # of k % 16.
@@ -69,9 +68,13 @@ def _unblocks(b: jax.Array, shape) -> jax.Array:
 # shape cost more than over the blocks (ResNet-50, benchmarks/RESULTS.md).
 
 
+def _tensor(codes: jax.Array, scale: jax.Array, shape) -> QuantizedTensor:
+  """Block-layout ``codes`` back in the leaf's ``shape``."""
+  return QuantizedTensor(_unblocks(codes, shape), scale)
+
+
 def _quantized(quantize_blocks, x: jax.Array) -> QuantizedTensor:
-  codes, scale = quantize_blocks(_blocks(x))
-  return QuantizedTensor(_unblocks(codes, x.shape), scale)
+  return _tensor(*quantize_blocks(_blocks(x)), x.shape)
 
 
 def _signed_blocks(b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -124,7 +127,7 @@ def dequantize_positive(q: QuantizedTensor) -> jax.Array:
   """``max * 2**(-c / 16)`` (zero for code 255), without ``exp2``: an exact
   power of two for ``c // 16``, times ``2**(-b / 16)`` for each set bit ``b``
   of ``c % 16`` (float32 constants), times the block's maximum. Relative
-  error below ``2**-21``, as ``exp2``'s; the selects and products, unlike
+  error 2**-23.3 (``exp2``'s: 2**-20.8); the selects and products, unlike
   ``exp2``, are cheap enough for XLA to fuse into each consumer, so no
   dequantized copy is written (benchmarks/RESULTS.md)."""
   return _unblocks(_dequantized_positive_blocks(q), q.codes.shape)
@@ -220,12 +223,10 @@ def scale_by_adam_8bit(
     m = (1 - b1) * g32 + b1 * _dequantized_signed_blocks(mq)
     v = (1 - b2) * g32 * g32 + b2 * _dequantized_positive_blocks(vq)
     u = (m / bc1) / (jnp.sqrt(v / bc2 + eps_root) + eps)
-    mc, ms = _signed_blocks(m)
-    vc, vs = _positive_blocks(v)
     return (
       _unblocks(u, g.shape).astype(g.dtype),
-      QuantizedTensor(_unblocks(mc, g.shape), ms),
-      QuantizedTensor(_unblocks(vc, g.shape), vs),
+      _tensor(*_signed_blocks(m), g.shape),
+      _tensor(*_positive_blocks(v), g.shape),
     )
 
   def update_fn(updates, state, params=None):
@@ -294,10 +295,9 @@ def trace_8bit(decay: float = 0.9) -> optax.GradientTransformation:
   @jax.jit  # Once per transformation, as in ``scale_by_adam_8bit``.
   def leaf(u, tq):
     t = _blocks(u) + decay * _dequantized_signed_blocks(tq)
-    codes, scale = _signed_blocks(t)
     return (
       _unblocks(t, u.shape).astype(u.dtype),
-      QuantizedTensor(_unblocks(codes, u.shape), scale),
+      _tensor(*_signed_blocks(t), u.shape),
     )
 
   def update_fn(updates, state, params=None):
