@@ -166,6 +166,22 @@ OPTS = {
     lambda: lj.with_packed_state(lj.lamb(1e-3, weight_decay=0.01)),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
   ),
+  # Small leaves' state stacked by shape (lj.GroupedState): one kernel per
+  # small leaf, for trees of many small leaves (compile time).
+  'lamb_grouped': (
+    lambda: lj.lamb(1e-3, weight_decay=0.01, group_small_leaves=True),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
+  'lars_grouped': (
+    lambda: lj.lars(
+      0.1, weight_decay=1e-4, trust_coefficient=0.001, group_small_leaves=True
+    ),
+    lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
+  ),
+  'adamw_grouped': (
+    lambda: lj.adamw(1e-3, weight_decay=0.01, group_small_leaves=True),
+    lambda: optax.adamw(1e-3, weight_decay=0.01),
+  ),
   # Under optax.inject_hyperparams every numeric argument (b1, b2, eps,
   # weight_decay, ...) is an array in the state, against optax's the same way.
   'lamb_injected': (
@@ -521,7 +537,11 @@ def main(argv=None):
     tree_opts = opts
     if tree == 'many_small' and not a.opts:
       # Each compile there takes ~15-150 s: the core optimizers only.
-      tree_opts = ['lars'] if a.quick else ['lamb', 'lars', 'adamw', 'adam']
+      tree_opts = (
+        ['lars', 'lars_grouped']
+        if a.quick
+        else ['lamb', 'lars', 'adamw', 'adam', 'lamb_grouped', 'lars_grouped']
+      )
     rows += bench_tree(tree, tree_opts, rounds, skip, inner)
   if not a.no_rss and not cpu and 'bert' in trees and 'lamb' in opts:
     print('\n## peak device memory, BERT-base lamb step (fresh process)')

@@ -17,6 +17,14 @@ OPTS = {
   'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
   'lars': lambda: lj.lars(0.1, weight_decay=1e-4),
   'adam': lambda: lj.adam(1e-3),
+  # Small leaves' state stacked by shape (lj.GroupedState).
+  'lamb_grouped': lambda: lj.lamb(
+    1e-3, weight_decay=0.01, group_small_leaves=True
+  ),
+  'lars_grouped': lambda: lj.lars(
+    0.1, weight_decay=1e-4, group_small_leaves=True
+  ),
+  'adam_grouped': lambda: lj.adam(1e-3, group_small_leaves=True),
 }
 
 

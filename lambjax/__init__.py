@@ -20,6 +20,7 @@ from lambjax._src.diagnostics import diagnostics as diagnostics
 from lambjax._src.diagnostics import with_diagnostics as with_diagnostics
 from lambjax._src.faults import apply_if_finite as apply_if_finite
 from lambjax._src.fused import WorkspaceState as WorkspaceState
+from lambjax._src.grouping import GroupedState as GroupedState
 from lambjax._src.lr import get_lr as get_lr
 from lambjax._src.lr import set_lr as set_lr
 from lambjax._src.names import mask_by_name as mask_by_name

@@ -169,6 +169,22 @@ def _adam_block(
   return quantized.scale_by_adam_8bit(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
 
+def _check_grouped(where, group_small_leaves, fast, fused, state_8bit) -> None:
+  """``group_small_leaves`` is a bool, and True only on the fast path."""
+  if not isinstance(group_small_leaves, bool):
+    raise ValueError(
+      f'{where}: `group_small_leaves` must be True or False, got '
+      f'{group_small_leaves!r}.'
+    )
+  if group_small_leaves and not fast:
+    raise ValueError(
+      f'{where}: `group_small_leaves=True` needs the fused fast path, which '
+      'runs with fused=True and state_8bit=False (and numbers, scalar arrays '
+      f'or a weight-decay schedule); got fused={fused!r}, '
+      f'state_8bit={state_8bit!r}.'
+    )
+
+
 def _check_8bit(where, state_8bit, **unsupported) -> None:
   # A bool, not a number: optax.inject_hyperparams leaves bools static.
   if not isinstance(state_8bit, bool):
@@ -207,6 +223,7 @@ def _adam_like(
   decoupled,
   stacked=None,
   state_8bit=False,
+  group_small_leaves=False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adam (``decoupled=False``) or AdamW-style chains, fused where possible."""
   base.check_mask(where, 'mask', mask)
@@ -223,13 +240,15 @@ def _adam_like(
     *_lr_ratio(lr_ratio_fn, stacked),
     lr_tx,
   )
-  if (
+  fast = (
     fused
     and not state_8bit
     and fused_lib.applies(
       (b1, b2, eps, eps_root), weight_decay if decoupled else 0.0
     )
-  ):
+  )
+  _check_grouped(where, group_small_leaves, fast, fused, state_8bit)
+  if fast:
     chain = fused_lib.adam_family(
       chain,
       lr_tx,
@@ -247,6 +266,7 @@ def _adam_like(
       lr_ratio_fn=lr_ratio_fn,
       stacked=stacked,
       nesterov=nesterov,
+      group_small=group_small_leaves,
     )
   return _checked(where, chain, needs_params=decoupled)
 
@@ -271,6 +291,7 @@ def lamb(
   stacked: stacking.Stacked | str | None = None,
   state_8bit: bool = False,
   workspace: bool = False,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LAMB optimizer (layer-wise adaptive Adam with decoupled decay).
 
@@ -337,6 +358,11 @@ def lamb(
       hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on
       GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option made the
       step slower (0.75x) and used more memory.
+    group_small_leaves: keep the state of small leaves that share a shape,
+      dtype and masks stacked, one array per group, and update each group
+      as one leaf with a ratio per row: the same numbers, far fewer kernels
+      on trees of many small leaves (:class:`lambjax.GroupedState` says
+      when it pays). Needs the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -378,13 +404,15 @@ def lamb(
     *_lr_ratio(lr_ratio_fn, stacked),
     lr_tx,
   )
-  if (
+  fast = (
     fused
     and not state_8bit
     and fused_lib.applies(
       (b1, b2, eps, eps_root, min_ratio, max_ratio), weight_decay
     )
-  ):
+  )
+  _check_grouped('lamb', group_small_leaves, fast, fused, state_8bit)
+  if fast:
     chain = fused_lib.adam_family(
       chain,
       lr_tx,
@@ -404,6 +432,7 @@ def lamb(
       stacked=stacked,
       workspace=workspace,
       nu_dtype=nu_dtype,
+      group_small=group_small_leaves,
     )
   elif workspace:
     raise ValueError(
@@ -433,6 +462,7 @@ def lars(
   diagnostics: bool = False,
   stacked: stacking.Stacked | str | None = None,
   state_8bit: bool = False,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The LARS optimizer (layer-wise adaptive rate scaling with momentum).
 
@@ -474,6 +504,11 @@ def lars(
       and ``lr_ratio_fn`` values for leaves holding stacked layers.
     state_8bit: store the momentum 8-bit blockwise
       (:func:`lambjax.trace_8bit`; not with ``nesterov``).
+    group_small_leaves: keep the state of small leaves that share a shape,
+      dtype and masks stacked, one array per group, and update each group
+      as one leaf with a ratio per row: the same numbers, far fewer kernels
+      on trees of many small leaves (:class:`lambjax.GroupedState` says
+      when it pays). Needs the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -555,13 +590,15 @@ def lars(
     if not state_8bit
     else quantized.trace_8bit(momentum),
   )
-  if (
+  fast = (
     fused
     and not state_8bit
     and fused_lib.applies(
       (trust_coefficient, eps, momentum, min_ratio, max_ratio), weight_decay
     )
-  ):
+  )
+  _check_grouped(where, group_small_leaves, fast, fused, state_8bit)
+  if fast:
     chain = fused_lib.lars(
       chain,
       lr_tx,
@@ -578,6 +615,7 @@ def lars(
       lr_ratio_fn=lr_ratio_fn,
       record_index=record_index if diagnostics else None,
       stacked=stacked,
+      group_small=group_small_leaves,
     )
   return _checked(where, _maybe_diagnosed(chain, diagnostics), True)
 
@@ -594,6 +632,7 @@ def adam(
   nu_dtype: jax.typing.DTypeLike | None = None,
   fused: bool = True,
   state_8bit: bool = False,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adam optimizer: :math:`p \leftarrow p - \eta_t\,\hat m /
   (\sqrt{\hat v + \epsilon_{root}} + \epsilon)`.
@@ -614,6 +653,10 @@ def adam(
     fused: use the fused per-leaf fast path where it applies.
     state_8bit: store the moments 8-bit blockwise
       (:func:`lambjax.scale_by_adam_8bit`).
+    group_small_leaves: keep the state of small leaves that share a shape,
+      dtype and masks stacked, one array per group, and update each group
+      as one leaf: the same numbers, far fewer kernels on trees of many
+      small leaves (:class:`lambjax.GroupedState`). Needs the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -652,6 +695,7 @@ def adam(
     fused,
     decoupled=False,
     state_8bit=state_8bit,
+    group_small_leaves=group_small_leaves,
   )
 
 
@@ -670,6 +714,7 @@ def adamw(
   lr_ratio_fn: Callable[[str], float] | None = None,
   fused: bool = True,
   state_8bit: bool = False,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with weight decay decoupled from the gradient.
 
@@ -699,6 +744,10 @@ def adamw(
     fused: use the fused per-leaf fast path where it applies.
     state_8bit: store the moments 8-bit blockwise
       (:func:`lambjax.scale_by_adam_8bit`).
+    group_small_leaves: keep the state of small leaves that share a shape,
+      dtype and masks stacked, one array per group, and update each group
+      as one leaf: the same numbers, far fewer kernels on trees of many
+      small leaves (:class:`lambjax.GroupedState`). Needs the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -737,6 +786,7 @@ def adamw(
     fused,
     decoupled=True,
     state_8bit=state_8bit,
+    group_small_leaves=group_small_leaves,
   )
 
 
@@ -754,6 +804,7 @@ def adamw_dl(
   fused: bool = True,
   stacked: stacking.Stacked | str | None = None,
   state_8bit: bool = False,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with layer-wise learning-rate decay (PaddleNLP's AdamWDL).
 
@@ -790,6 +841,10 @@ def adamw_dl(
       ``layers.m.mlp.kernel``.
     state_8bit: store the moments 8-bit blockwise
       (:func:`lambjax.scale_by_adam_8bit`).
+    group_small_leaves: keep the state of small leaves that share a shape,
+      dtype and masks stacked, one array per group, and update each group
+      as one leaf: the same numbers, far fewer kernels on trees of many
+      small leaves (:class:`lambjax.GroupedState`). Needs the fast path.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -835,4 +890,5 @@ def adamw_dl(
     decoupled=True,
     stacked=stacked,
     state_8bit=state_8bit,
+    group_small_leaves=group_small_leaves,
   )

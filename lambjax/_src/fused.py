@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lambjax._src import base, stacking, transform
+from lambjax._src import base, grouping, stacking, transform
 
 
 def _norm_from_sumsq(s: jax.Array) -> jax.Array:
@@ -61,6 +61,192 @@ def _times_ratios(x, ratio, lr_ratio_fn, stacked, name):
   if ratio is not None:
     x = x * ratio
   return _times_lr_ratio(x, lr_ratio_fn, stacked, name)
+
+
+class Work(NamedTuple):
+  """The fast path's work items, in order: single leaves, or (with
+  ``group_small_leaves``) a group of small leaves as one stacked leaf.
+
+  Attributes:
+    members: per item, its leaves' indices (one, or the group's by row).
+    group: per item, the group's index (``None``: a single leaf).
+    rows: the digits of the run-time row indices, from the state.
+    stacks: per group, the stacked state arrays from the state.
+  """
+
+  names: list[str]
+  members: list[list[int]]
+  group: list[int | None]
+  rows: tuple[jax.Array, ...] = ()
+  stacks: tuple[tuple[jax.Array, ...], ...] = ()
+
+  @staticmethod
+  def of(names: list[str], state: Any = None, parts: Sequence[Any] = ()):
+    """Every leaf on its own, or (``state`` a :class:`grouping.GroupedState`
+    whose slots are in the per-leaf ``parts``) each group as one item where
+    its first member comes."""
+    n = len(names)
+    if state is None:
+      return Work(names, [[i] for i in range(n)], [None] * n)
+    groups = grouping.members('group_small_leaves', state, parts)
+    first = {idx[0]: j for j, idx in enumerate(groups)}
+    grouped = {i for idx in groups for i in idx}
+    members, group = [], []
+    for i in range(n):
+      if i in first:
+        members.append(groups[first[i]])
+        group.append(first[i])
+      elif i not in grouped:
+        members.append([i])
+        group.append(None)
+    return Work(names, members, group, state.rows, state.stacks)
+
+  def where(self, v: int) -> list[str]:
+    return [self.names[i] for i in self.members[v]]
+
+  def stack(self, v: int, xs: Sequence[Any]) -> Any:
+    """Item ``v``'s array of the per-leaf ``xs``: the leaf's, or the group's
+    stacked (a ``ValueError`` where the members' shapes or dtypes differ)."""
+    idx = self.members[v]
+    if self.group[v] is None:
+      return xs[idx[0]]
+    if any(xs[i] is None for i in idx):
+      return None
+    sig = [(jnp.shape(xs[i]), jnp.result_type(xs[i])) for i in idx]
+    grouping.same('group_small_leaves', 'shape and dtype', self.where(v), sig)
+    return grouping.stack([xs[i] for i in idx])
+
+  def state(self, v: int, part: int, xs: Sequence[Any], like: Any) -> Any:
+    """Item ``v``'s state array ``part``: the leaf's, or the group's stack
+    (checked against ``like``, the item's gradient)."""
+    j = self.group[v]
+    if j is None:
+      return xs[self.members[v][0]]
+    s = self.stacks[j][part]
+    if s.shape != like.shape:
+      raise ValueError(
+        f'group_small_leaves: group {j} of the state is {list(s.shape)}, the '
+        f'gradients {list(like.shape)}; was it built for another tree?'
+      )
+    return s
+
+  def flag(self, v: int, flags: Sequence[bool] | None, what: str) -> bool:
+    """Item ``v``'s per-leaf flag (the members', which must agree)."""
+    if flags is None:
+      return False
+    return bool(
+      grouping.same(
+        'group_small_leaves',
+        what,
+        self.where(v),
+        [bool(flags[i]) for i in self.members[v]],
+      )
+    )
+
+  def axis(self, v: int, stacked, shape) -> int | None:
+    """The item's per-slice axis: a group's rows, or a stacked leaf's."""
+    if self.group[v] is not None:
+      return 0
+    return stacking.leaf_axis(stacked, self.names[self.members[v][0]], shape)
+
+  def lr_ratio(self, v: int, lr_ratio_fn, stacked, shape) -> Any:
+    """The item's lr multiplier: ``None``, a float, or an array by slice."""
+    if lr_ratio_fn is None:
+      return None
+    names = self.where(v)
+    if self.group[v] is None:
+      return stacking.lr_ratios(
+        stacked, lr_ratio_fn, transform.lr_ratio_value, names[0], shape
+      )
+    values = [transform.lr_ratio_value(lr_ratio_fn, nm) for nm in names]
+    return grouping.per_row(values, len(shape))
+
+  def scatter(self, per_item: Sequence[Any], per_leaf: list[Any]) -> None:
+    """Each leaf's result into ``per_leaf``: a single leaf's item, or its
+    row of the group's (taken at the run-time row index)."""
+    for v, idx in enumerate(self.members):
+      j = self.group[v]
+      if j is None:
+        per_leaf[idx[0]] = per_item[v]
+      elif per_item[v] is not None:
+        rows = grouping.rows_of(per_item[v], self.rows)
+        for i, row in zip(idx, rows, strict=True):
+          per_leaf[i] = row
+
+  def scatter_singles(self, per_item: Sequence[Any], per_leaf: list[Any]):
+    """Single leaves' results into ``per_leaf`` (groups' stay in stacks)."""
+    for v, idx in enumerate(self.members):
+      if self.group[v] is None:
+        per_leaf[idx[0]] = per_item[v]
+
+  def scatter_ratios(self, per_item: Sequence[Any], per_leaf: list[Any]):
+    """Trust ratios per leaf (for diagnostics): static rows of a group's."""
+    for v, idx in enumerate(self.members):
+      for r, i in enumerate(idx):
+        x = per_item[v]
+        per_leaf[i] = x if self.group[v] is None or x is None else x[r]
+
+  def new_stacks(self, *per_item: Sequence[Any]) -> tuple[Any, ...]:
+    """The groups' new stacked state arrays (one per part)."""
+    out = list(self.stacks)
+    for v, j in enumerate(self.group):
+      if j is not None:
+        out[j] = tuple(part[v] for part in per_item)
+    return tuple(out)
+
+
+def _times_rho(x, ratio, rho):
+  """``x`` times its trust ratio (``None``: not adapted) and lr multiplier
+  (:meth:`Work.lr_ratio`), as :func:`_times_ratios` multiplies them."""
+  if ratio is not None:
+    x = x * ratio
+  if rho is None or (isinstance(rho, float) and rho == 1.0):
+    return x
+  return x * jnp.asarray(rho, x.dtype)
+
+
+def group_keys(
+  params: Any,
+  dtypes: Sequence[Sequence[Any]],
+  flags: Sequence[Sequence[bool]],
+  stacked: stacking.Stacked | None,
+) -> list[Any]:
+  """Per leaf, what must match for leaves to share a group (``None``: not
+  grouped): small unstacked leaves by shape, dtypes (the param's and its
+  state arrays', ``dtypes``) and flags."""
+  keys = []
+  for i, (name, p) in enumerate(base.flatten_with_names(params)[0]):
+    p = base.leaf_value(p)
+    shape = tuple(np.shape(p))
+    if (
+      not 0 < np.prod(shape, dtype=np.int64) <= _SMALL
+      or stacking.leaf_axis(stacked, name, shape) is not None
+    ):
+      keys.append(None)
+      continue
+    keys.append(
+      (
+        shape,
+        jnp.result_type(p).name,
+        *(jnp.dtype(d[i]).name for d in dtypes),
+        *(bool(f[i]) for f in flags),
+      )
+    )
+  return keys
+
+
+def grouped_init(params, inner, state_parts, set_parts, flags, stacked):
+  """A :class:`grouping.GroupedState` of the chain state ``inner``:
+  ``state_parts`` are its per-leaf trees (``set_parts`` puts new ones)."""
+  flat = [jax.tree_util.tree_flatten(t) for t in state_parts]
+  dtypes = [[jnp.result_type(x) for x in leaves] for leaves, _ in flat]
+  groups = grouping.plan(group_keys(params, dtypes, flags, stacked))
+  parts, stacks, rows = grouping.group([leaves for leaves, _ in flat], groups)
+  trees = [
+    jax.tree_util.tree_unflatten(treedef, part)
+    for part, (_, treedef) in zip(parts, flat, strict=True)
+  ]
+  return grouping.GroupedState(set_parts(inner, trees), stacks, rows)
 
 
 def _static(*values: Any) -> bool:
@@ -340,6 +526,7 @@ def adam_family(
   workspace: bool = False,
   nu_dtype: Any = None,
   nesterov: bool = False,
+  group_small: bool = False,
 ) -> optax.GradientTransformation:
   """Adam / AdamW / AdamWDL / LAMB (Nesterov's too) in one function per leaf.
 
@@ -360,6 +547,10 @@ def adam_family(
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if workspace and not trust:
     raise ValueError('workspace needs the trust ratio (LAMB).')
+  if workspace and group_small:
+    raise ValueError(
+      '`workspace=True` and `group_small_leaves=True` cannot be combined.'
+    )
   jit = _jit_pieces(b1, b2, eps, eps_root, weight_decay, min_ratio, max_ratio)
 
   # The per-leaf arithmetic, as jitted functions made once per optimizer:
@@ -403,8 +594,28 @@ def adam_family(
       return 1 - b1**count, 1 - b2**count, 1 - b1 ** optax.safe_increment(count)
     return 1 - b1**count, 1 - b2**count
 
+  def flags(params):
+    """Per-leaf decayed and adapted flags (``None``: none is)."""
+    decay = (
+      base.leaf_flags(decay_mask, params)
+      if _maybe_nonzero(weight_decay)
+      else None
+    )
+    adapt = base.leaf_flags(trust_mask, params) if trust else None
+    return decay, adapt
+
   def init_fn(params):
     inner = chain.init(params)
+    if group_small:
+      n = len(jax.tree.leaves(params, is_leaf=base.is_nnx_variable))
+      return grouped_init(
+        params,
+        inner,
+        [inner[0].mu, inner[0].nu],
+        lambda st, t: (st[0]._replace(mu=t[0], nu=t[1]), *st[1:]),
+        [f or [False] * n for f in flags(params)],
+        stacked,
+      )
     if not workspace:
       return inner
     adapt = base.leaf_flags(trust_mask, params)
@@ -420,6 +631,10 @@ def adam_family(
     if workspace:
       work = state.direction
       state = state.inner_state
+    grouped = state if group_small else None
+    if group_small:
+      grouping.check_state('group_small_leaves', state)
+      state = state.inner
     adam = state[0]
     step, lr_state = _step_and_lr_state(lr_tx, state[-1])
     count = optax.safe_increment(adam.count)
@@ -437,22 +652,26 @@ def adam_family(
       if params is not None
       else [None] * len(g_leaves)
     )
-    decay = (
-      base.leaf_flags(decay_mask, params)
-      if _maybe_nonzero(weight_decay)
-      else None
-    )
-    adapt = base.leaf_flags(trust_mask, params) if trust else None
+    decay, adapt = flags(params)
     w_leaves = treedef.flatten_up_to(work) if workspace else None
-    n = len(g_leaves)
+    items = Work.of(
+      [name for name, _ in named], grouped, [mu_leaves, nu_leaves]
+    )
+    n = len(items.members)
     dirs, out_m, out_v, out_w, out_u, ratios = ([None] * n for _ in range(6))
     # One large direction at a time (see ``after``); with a workspace there
     # is no temporary to save.
     one_at_a_time = trust and not workspace and breadth_first()
     previous: list[Any] = []  # The last window's trust ratios.
+    gs = [items.stack(v, g_leaves) for v in range(n)]
 
-    def first(i):
-      (name, g), mu, nu, p = named[i], mu_leaves[i], nu_leaves[i], p_leaves[i]
+    def first(v):
+      g = gs[v]
+      mu = items.state(v, 0, mu_leaves, g)
+      nu = items.state(v, 1, nu_leaves, g)
+      decayed = items.flag(v, decay, 'weight decay')
+      adapted = items.flag(v, adapt, 'trust ratio')
+      p = items.stack(v, p_leaves) if decayed or adapted else None
       gate = previous and is_large(g)
       if gate and (mu.dtype != g.dtype or nu.dtype != g.dtype):
         # Moments stored in another dtype: the float32 m and v are temporaries
@@ -466,24 +685,23 @@ def adam_family(
         # An array eps keeps its own dtype, as in the chain's arithmetic.
         vdt = jnp.result_type(g, nu) if _static(eps) else None
         e = after(jnp.asarray(eps, vdt), previous[-1])
-      decayed = bool(decay is not None and decay[i])
-      m, v, u = direction(g, mu, nu, p if decayed else None, bcs, e, wd)
+      m, v_, u = direction(g, mu, nu, p if decayed else None, bcs, e, wd)
       if workspace:
         # r leaves in the state, so XLA writes it into the donated buffer
         # instead of a fresh temporary (zero-size buffers: not adapted). The
         # whole-buffer update-slice reads as a use of the old buffer, so jit
         # keeps (and aliases) the donated input; XLA folds it to ``u``.
-        w = w_leaves[i]
+        w = w_leaves[v]
         same = w.shape == u.shape and w.dtype == u.dtype
-        out_w[i] = (
+        out_w[v] = (
           jax.lax.dynamic_update_slice(w, u, (0,) * u.ndim) if same else w
         )
-      dirs[i] = u
-      out_m[i] = m if mu_dtype is None else m.astype(mu_dtype)
-      out_v[i] = v.astype(nu.dtype)
-      if adapt is None or not adapt[i]:
+      dirs[v] = u
+      out_m[v] = m if mu_dtype is None else m.astype(mu_dtype)
+      out_v[v] = v_.astype(nu.dtype)
+      if not adapted:
         return None
-      return p, u, stacking.leaf_axis(stacked, name, g.shape)
+      return p, u, items.axis(v, stacked, g.shape)
 
     def window_ratios(entries):
       axes = [axis for *_, axis in entries]
@@ -495,32 +713,43 @@ def adam_family(
         previous[:] = [got[-1]]
       return got
 
-    def last(i, ratio):
-      u = _times_ratios(dirs[i], ratio, lr_ratio_fn, stacked, named[i][0])
-      out_u[i] = jnp.asarray(step, u.dtype) * u
-      ratios[i] = ratio
-      g = named[i][1]
+    def last(v, ratio):
+      rho = items.lr_ratio(v, lr_ratio_fn, stacked, dirs[v].shape)
+      u = _times_rho(dirs[v], ratio, rho)
+      out_u[v] = jnp.asarray(step, u.dtype) * u
+      ratios[v] = ratio
+      g = gs[v]
       if one_at_a_time and ratio is not None and is_large(g):
         # Moments stored in another dtype: the direction re-reads the old
         # stored moments, which the new ones overwrite in place (donated);
         # written after the trust ratio, they are written after that read,
         # and XLA needs no copy of the old ones first.
         for out in (out_m, out_v):
-          if out[i].dtype != g.dtype:
-            out[i] = after(out[i], ratio)
+          if out[v].dtype != g.dtype:
+            out[v] = after(out[v], ratio)
 
-    in_windows([np.size(x) for x in g_leaves], first, window_ratios, last)
+    in_windows([np.size(x) for x in gs], first, window_ratios, last)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-    new_adam = adam._replace(count=count, mu=unflat(out_m), nu=unflat(out_v))
+    leaf_u, leaf_r = [None] * len(g_leaves), [None] * len(g_leaves)
+    leaf_m, leaf_v = list(mu_leaves), list(nu_leaves)  # Slots stay.
+    items.scatter(out_u, leaf_u)
+    items.scatter_ratios(ratios, leaf_r)
+    items.scatter_singles(out_m, leaf_m)
+    items.scatter_singles(out_v, leaf_v)
+    new_adam = adam._replace(count=count, mu=unflat(leaf_m), nu=unflat(leaf_v))
     new_state = [new_adam, *links, lr_state]
     if record_index is not None:
       new_state[record_index] = transform.recorded(
-        unflat, ratios, transform.init_trust_ratios(params, stacked)
+        unflat, leaf_r, transform.init_trust_ratios(params, stacked)
       )
     new_state = tuple(new_state)
+    if group_small:
+      new_state = grouped._replace(
+        inner=new_state, stacks=items.new_stacks(out_m, out_v)
+      )
     if workspace:
       new_state = WorkspaceState(new_state, unflat(out_w))
-    return unflat(out_u), new_state
+    return unflat(leaf_u), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -603,6 +832,7 @@ def lars(
   lr_ratio_fn: Callable[[str], float] | None,
   record_index: int | None = None,
   stacked: stacking.Stacked | None = None,
+  group_small: bool = False,
 ) -> optax.GradientTransformation:
   """LARS (optax or Paddle form) in one function per leaf.
 
@@ -637,10 +867,32 @@ def lars(
     new_t = u + momentum * t
     return (u + momentum * new_t if nesterov else new_t), new_t
 
+  def flags(params):
+    decay = base.leaf_flags(decay_mask, params)
+    adapt = decay if form == 'paddle' else base.leaf_flags(trust_mask, params)
+    return decay, adapt
+
+  def init_fn(params):
+    inner = chain.init(params)
+    if not group_small:
+      return inner
+    return grouped_init(
+      params,
+      inner,
+      [inner[-1].trace],
+      lambda st, t: (*st[:-1], st[-1]._replace(trace=t[0])),
+      flags(params),
+      stacked,
+    )
+
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # Accepted and ignored, as optax.chain does.
     if params is None:
       raise ValueError(base.NO_PARAMS_MSG)
+    grouped = state if group_small else None
+    if group_small:
+      grouping.check_state('group_small_leaves', state)
+      state = state.inner
     trace_state = state[-1]
     step, lr_state = _step_and_lr_state(lr_tx, state[-2])
     # A schedule (optax form only) is in the decay link, the first.
@@ -649,38 +901,42 @@ def lars(
     named, treedef = base.flatten_with_names(updates)
     p_leaves = treedef.flatten_up_to(params)
     t_leaves = treedef.flatten_up_to(trace_state.trace)
-    decay = base.leaf_flags(decay_mask, params)
-    adapt = decay if form == 'paddle' else base.leaf_flags(trust_mask, params)
-    n = len(p_leaves)
+    g_leaves = [g for _, g in named]
+    decay, adapt = flags(params)
+    items = Work.of([name for name, _ in named], grouped, [t_leaves])
+    n = len(items.members)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
-    axes = [stacking.leaf_axis(stacked, nm, g.shape) for nm, g in named]
+    gs = [items.stack(v, g_leaves) for v in range(n)]
+    ps = [items.stack(v, p_leaves) for v in range(n)]
+    axes = [items.axis(v, stacked, gs[v].shape) for v in range(n)]
+    decayed = [items.flag(v, decay, 'weight decay') for v in range(n)]
+    adapted = [items.flag(v, adapt, 'trust ratio') for v in range(n)]
     # Large unstacked decayed leaves (optax form, XLA:CPU): the norm of ``d``
     # spelled apart (``norm_operand``), so that XLA does not write ``d`` out.
     expand = form != 'paddle' and _maybe_nonzero(wd) and materialises_shared()
     spelled = {
-      i
-      for i in range(n)
+      v
+      for v in range(n)
       if expand
-      and adapt[i]
-      and decay[i]
-      and axes[i] is None
-      and np.size(p_leaves[i]) >= _EXPAND_MIN_SIZE
+      and adapted[v]
+      and decayed[v]
+      and axes[v] is None
+      and np.size(ps[v]) >= _EXPAND_MIN_SIZE
     }
 
-    def first(i):
+    def first(v):
       # What the norms need: ``(a, p, axis, dtype)``, ``a`` the array whose
       # squares sum to ``‖g‖²`` (Paddle) or ``‖d‖²``.
-      g, p = named[i][1], p_leaves[i]
-      decayed = decay[i] and _maybe_nonzero(wd)
-      ds[i] = g + wd * p if decayed else g
-      if not adapt[i]:
+      g, p = gs[v], ps[v]
+      ds[v] = g + wd * p if decayed[v] and _maybe_nonzero(wd) else g
+      if not adapted[v]:
         return None
-      axis = axes[i]
+      axis = axes[v]
       if form == 'paddle':
         return g, p, axis, p.dtype
-      if i in spelled:
+      if v in spelled:
         return norm_operand(g, p, wd), p, None, p.dtype
-      return ds[i], p, axis, p.dtype  # Direct: small, per slice, no decay.
+      return ds[v], p, axis, p.dtype  # Direct: small, per slice, no decay.
 
     def window_ratios(entries):
       axes = [axis for _, _, axis, _ in entries]
@@ -689,22 +945,37 @@ def lars(
       dtypes = [dt for *_, dt in entries]
       return batched_ratios(trust_ratio, a_sums, p_sums, dtypes)
 
-    def last(i, ratio):
-      d = _times_ratios(ds[i], ratio, lr_ratio_fn, stacked, named[i][0])
-      out_u[i], out_t[i] = momentum_step(d, t_leaves[i], step)
-      ratios[i] = ratio
+    def last(v, ratio):
+      rho = items.lr_ratio(v, lr_ratio_fn, stacked, ds[v].shape)
+      d = _times_rho(ds[v], ratio, rho)
+      t = items.state(v, 0, t_leaves, gs[v])
+      out_u[v], out_t[v] = momentum_step(d, t, step)
+      ratios[v] = ratio
 
-    in_windows([np.size(p) for p in p_leaves], first, window_ratios, last)
+    in_windows([np.size(p) for p in ps], first, window_ratios, last)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-    new_trace = trace_state._replace(trace=unflat(out_t))
+    leaf_u, leaf_r, leaf_t = (
+      [None] * len(g_leaves),
+      [None] * len(g_leaves),
+      list(t_leaves),
+    )
+    items.scatter(out_u, leaf_u)
+    items.scatter_ratios(ratios, leaf_r)
+    items.scatter_singles(out_t, leaf_t)
+    new_trace = trace_state._replace(trace=unflat(leaf_t))
     new_state = [*links, lr_state, new_trace]
     if record_index is not None:
       new_state[record_index] = transform.recorded(
-        unflat, ratios, transform.init_trust_ratios(params, stacked)
+        unflat, leaf_r, transform.init_trust_ratios(params, stacked)
       )
-    return unflat(out_u), tuple(new_state)
+    new_state = tuple(new_state)
+    if group_small:
+      new_state = grouped._replace(
+        inner=new_state, stacks=items.new_stacks(out_t)
+      )
+    return unflat(leaf_u), new_state
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _takes(v: Any) -> bool:

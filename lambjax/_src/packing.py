@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lambjax._src import base
+from lambjax._src import base, grouping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,11 @@ def _is_slot(x: Any) -> bool:
 
 
 def unpack_state(state: Any) -> Any:
-  """The state with every :class:`PackedState` in it replaced by its inner
-  state, packed arrays back in place (for inspection, e.g.
-  :func:`lambjax.diagnostics`). Works inside and outside ``jit``.
+  """The state with every :class:`PackedState` (or
+  :class:`lambjax.GroupedState`) in it replaced by its inner state, packed
+  or grouped arrays back in place: the chain's layout, for inspection (e.g.
+  :func:`lambjax.diagnostics`) or to load into an optimizer built without
+  packing or grouping. Works inside and outside ``jit``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -93,13 +95,19 @@ def unpack_state(state: Any) -> Any:
     return jnp.reshape(part, x.shape)
 
   def one(node):
+    if isinstance(node, grouping.GroupedState):
+      return unpack_state(grouping.unpack(node))
     if not isinstance(node, PackedState):
       return node
     return jax.tree.map(
       lambda x: array(x, node.buffers), node.inner, is_leaf=_is_slot
     )
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, PackedState))
+  return jax.tree.map(
+    one,
+    state,
+    is_leaf=lambda x: isinstance(x, PackedState | grouping.GroupedState),
+  )
 
 
 def _describe(buffers: Any) -> str:

@@ -10,13 +10,16 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lambjax._src import packing
+from lambjax._src import grouping, packing
 
 
 def _is_masked(x) -> bool:
   """A leafless node that stays as it is: optax's masked-out node, or a
-  packed array's slot (``with_packed_state``; its buffer is replicated)."""
-  return isinstance(x, optax.MaskedNode | packing.PackedSlot)
+  packed or grouped array's slot (``with_packed_state``,
+  ``group_small_leaves``; its buffer or stack is replicated)."""
+  return isinstance(
+    x, optax.MaskedNode | packing.PackedSlot | grouping.GroupSlot
+  )
 
 
 def _mesh_of(params_sharding) -> Any:
