@@ -6,7 +6,7 @@ updates each group as one leaf with a trust ratio per row.
 
 Each leaf's update is then row ``i`` of the group's update. A static
 ``update[i]`` would be a different kernel for every ``i`` (its offset), and
-XLA:CPU compiles each anew: 500 such kernels cost 9-10 s
+XLA:CPU compiles each anew: 500 such kernels cost 9-11.5 s
 (benchmarks/RESULTS.md, "Many small leaves as rows of one array"). So the
 row index is computed at run time from uint32 scalars the state carries
 (two digits of the row number, shared by all groups): every row of a shape
