@@ -254,3 +254,38 @@ def test_grouped_bad_state():
   other = tx.init({'a': jnp.ones(4), 'b': jnp.ones(4)})
   with pytest.raises(ValueError, match='another tree'):
     tx.update(grads, other, params)
+
+
+def test_grouped_in_nnx_optimizer():
+  """A jitted ``nnx.Optimizer`` step takes the grouped state (slots and
+  digits inside its state variables) and trains as the chain does."""
+  from flax import nnx
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+      for layer in self.layers:
+        x = layer(x)
+      return x
+
+  got = {}
+  for grouped in (False, True):
+    model = Mlp(nnx.Rngs(0))
+    tx = (
+      lj.lamb(1e-2, weight_decay=0.01, group_small_leaves=True)
+      if grouped
+      else lj.lamb(1e-2, weight_decay=0.01, fused=False)
+    )
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x):
+      grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+      opt.update(model, grads)
+
+    for _ in range(3):
+      step(model, opt, jnp.ones((2, 3)))
+    got[grouped] = nnx.state(model, nnx.Param)
+  chex.assert_trees_all_close(got[True], got[False], rtol=1e-6, atol=1e-7)
