@@ -44,25 +44,6 @@ def _sumsq(x: jax.Array) -> jax.Array:
   return jnp.sum(x * x)
 
 
-def _times_lr_ratio(u, lr_ratio_fn, stacked, name):
-  """``u`` times the leaf's (or each slice's) learning-rate multiplier."""
-  if lr_ratio_fn is None:
-    return u
-  rho = stacking.lr_ratios(
-    stacked, lr_ratio_fn, transform.lr_ratio_value, name, u.shape
-  )
-  if isinstance(rho, float) and rho == 1.0:
-    return u
-  return u * jnp.asarray(rho, u.dtype)
-
-
-def _times_ratios(x, ratio, lr_ratio_fn, stacked, name):
-  """``x`` times its trust ratio (``None``: not adapted) and lr multiplier."""
-  if ratio is not None:
-    x = x * ratio
-  return _times_lr_ratio(x, lr_ratio_fn, stacked, name)
-
-
 class Work(NamedTuple):
   """The fast path's work items, in order: single leaves, or (with
   ``group_small_leaves``) a group of small leaves as one stacked leaf.
@@ -197,7 +178,8 @@ class Work(NamedTuple):
 
 def _times_rho(x, ratio, rho):
   """``x`` times its trust ratio (``None``: not adapted) and lr multiplier
-  (:meth:`Work.lr_ratio`), as :func:`_times_ratios` multiplies them."""
+  ``rho`` (:meth:`Work.lr_ratio`; ``None`` or 1.0: none), as the chain's
+  ``scale_by_trust_ratio`` and ``scale_by_lr_ratio`` multiply them."""
   if ratio is not None:
     x = x * ratio
   if rho is None or (isinstance(rho, float) and rho == 1.0):
