@@ -49,6 +49,7 @@ class Work(NamedTuple):
   ``group_small_leaves``) a group of small leaves as one stacked leaf.
 
   Attributes:
+    names: the leaves' names (flatten order), for errors and lr ratios.
     members: per item, its leaves' indices (one, or the group's by row).
     group: per item, the group's index (``None``: a single leaf).
     rows: the digits of the run-time row indices, from the state.
