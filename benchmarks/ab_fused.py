@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import pathlib
 import statistics
 import subprocess
@@ -78,7 +79,21 @@ def module_at(rev: str, old_file: str | None = None, name: str = 'fused'):
   spec = importlib.util.spec_from_loader(f'lambjax._src.{name}_ab', loader=None)
   mod = importlib.util.module_from_spec(spec)
   exec(compile(src, f'{name}.py@{rev}', 'exec'), mod.__dict__)
+  for fn in ('adam_family', 'lars'):
+    if fn in mod.__dict__:
+      mod.__dict__[fn] = _without_new_kwargs(mod.__dict__[fn])
   return mod
+
+
+def _without_new_kwargs(fn):
+  """``fn`` dropping keyword arguments it does not take: the aliases pass
+  options added after an old revision (``group_small=False``)."""
+  params = inspect.signature(fn).parameters
+
+  def call(*args, **kwargs):
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in params})
+
+  return call
 
 
 def build(opt: str, module, name: str = 'fused'):
