@@ -186,8 +186,8 @@ def test_grouped_state_layout_and_unpack():
   # 'a' and 'b' share a group; 'c' is alone of its shape, 'w' too.
   ((trace,),) = state.stacks
   assert trace.shape == (2, 3)
-  assert [int(r) for r in state.rows] == [0, 1]  # Digits: 2 rows, base 2.
-  assert state.rows[0].dtype == jnp.uint32
+  assert [int(r) for r in state.digits] == [0, 1]  # Digits: 2 rows, base 2.
+  assert state.digits[0].dtype == jnp.uint32
   slots = state.inner[-1].trace
   assert slots['a'] == grouping.GroupSlot(0, 0, 0)
   assert slots['b'] == grouping.GroupSlot(0, 1, 0)

@@ -52,14 +52,14 @@ class Work(NamedTuple):
     names: the leaves' names (flatten order), for errors and lr ratios.
     members: per item, its leaves' indices (one, or the group's by row).
     group: per item, the group's index (``None``: a single leaf).
-    rows: the digits of the run-time row indices, from the state.
+    digits: the digits of the run-time row indices, from the state.
     stacks: per group, the stacked state arrays from the state.
   """
 
   names: list[str]
   members: list[list[int]]
   group: list[int | None]
-  rows: tuple[jax.Array, ...] = ()
+  digits: tuple[jax.Array, ...] = ()
   stacks: tuple[tuple[jax.Array, ...], ...] = ()
 
   @staticmethod
@@ -81,7 +81,7 @@ class Work(NamedTuple):
       elif i not in grouped:
         members.append([i])
         group.append(None)
-    return Work(names, members, group, state.rows, state.stacks)
+    return Work(names, members, group, state.digits, state.stacks)
 
   def where(self, v: int) -> list[str]:
     return [self.names[i] for i in self.members[v]]
@@ -151,7 +151,7 @@ class Work(NamedTuple):
       if j is None:
         per_leaf[idx[0]] = per_item[v]
       elif per_item[v] is not None:
-        rows = grouping.rows_of(per_item[v], self.rows)
+        rows = grouping.rows_of(per_item[v], self.digits)
         for i, row in zip(idx, rows, strict=True):
           per_leaf[i] = row
 

@@ -72,10 +72,10 @@ class GroupedState(NamedTuple):
       :class:`GroupSlot` (counts, learning rates and ungrouped leaves stay).
     stacks: per group, its stacked state arrays, shaped ``(k, *shape)``
       (Adam: first and second moment; LARS: the momentum).
-    rows: the digits ``0, 1, ..., B - 1`` as uint32 scalar arrays, ``B``
+    digits: the digits ``0, 1, ..., B - 1`` as uint32 scalar arrays, ``B``
       the ceiling of the square root of the largest group's size. The
       member in row ``r = a B + b`` takes its update out of the group's at
-      index ``rows[a] * B + rows[b]``, computed at run time, so every member
+      index ``digits[a] * B + digits[b]``, computed at run time, so every member
       of a shape is finished by the same compiled kernel (static indices
       would compile one kernel each; 2,000 leaves need 45 digits). They
       never change.
@@ -96,7 +96,7 @@ class GroupedState(NamedTuple):
 
   inner: Any
   stacks: tuple[tuple[jax.Array, ...], ...]
-  rows: tuple[jax.Array, ...]
+  digits: tuple[jax.Array, ...]
 
 
 def is_slot(x: Any) -> bool:
@@ -123,7 +123,8 @@ def group(
     groups: from :func:`plan`.
 
   Returns:
-    ``parts`` with grouped arrays replaced by slots, the stacks and the rows.
+    ``parts`` with grouped arrays replaced by slots, the stacks and the
+    digits of the row indices (:class:`GroupedState`).
   """
   out = [list(p) for p in parts]
   stacks = []
@@ -139,6 +140,7 @@ def group(
 
 
 def check_state(where: str, state: Any) -> None:
+  """A ``ValueError`` unless ``state`` is a :class:`GroupedState`."""
   if not isinstance(state, GroupedState):
     raise ValueError(
       f'{where}: with group_small_leaves=True `state` must be the '
@@ -166,7 +168,7 @@ def members(
   groups = []
   for j, rows in enumerate(found):
     k = len(rows)
-    if sorted(rows) != list(range(k)) or not 2 <= k <= len(state.rows) ** 2:
+    if sorted(rows) != list(range(k)) or not 2 <= k <= len(state.digits) ** 2:
       raise ValueError(
         f'{where}: group {j} of the grouped state has rows {sorted(rows)}; '
         'was it built for another tree?'
