@@ -289,3 +289,54 @@ def test_grouped_in_nnx_optimizer():
       step(model, opt, jnp.ones((2, 3)))
     got[grouped] = nnx.state(model, nnx.Param)
   chex.assert_trees_all_close(got[True], got[False], rtol=1e-6, atol=1e-7)
+
+
+_PADDLE_GROUPS = [
+  {'params': lambda n: 'LayerNorm' in n, 'learning_rate': 0.5},
+  {'params': lambda n: 'LayerNorm' not in n},
+]
+
+
+_PADDLE = {
+  'Lamb': lambda **kw: lj.paddle.Lamb(
+    1e-2,
+    exclude_from_weight_decay_fn=lambda n: 'bias' in n,
+    grad_clip=lj.paddle.ClipGradByGlobalNorm(1.0),
+    parameters=_PADDLE_GROUPS,
+    **kw,
+  ),
+  'LarsMomentum': lambda **kw: lj.paddle.LarsMomentum(
+    0.1, lars_weight_decay=1e-3, exclude_from_weight_decay=['LayerNorm'], **kw
+  ),
+  'Adam': lambda **kw: lj.paddle.Adam(1e-2, weight_decay=1e-3, **kw),
+  'AdamW': lambda **kw: lj.paddle.AdamW(
+    1e-2, lr_ratio=lambda n: 0.5 if 'bias' in n else 1.0, **kw
+  ),
+  'AdamWDL': lambda **kw: lj.paddle.AdamWDL(
+    1e-2, layerwise_decay=0.8, n_layers=2, **kw
+  ),
+  'Lamb_master_weights': lambda **kw: lj.paddle.Lamb(
+    1e-2, multi_precision=True, **kw
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_PADDLE))
+def test_paddle_optimizers_take_group_small_leaves(name):
+  """``lj.paddle``'s optimizers group too (per parameter group, under the
+  grad clip and master weights) and give their own per-leaf numbers."""
+  make = _PADDLE[name]
+  dtype = jnp.bfloat16 if 'master' in name else jnp.float32
+  params = h.to_jax(_tree(), dtype)
+  grads = [h.to_jax(g, dtype) for g in h.grads_sequence(_tree(), 4, seed=7)]
+  got, state = h.run_steps(make(group_small_leaves=True), params, grads)
+  want, _ = h.run_steps(make(), params, grads)
+  assert h.trajectory_rel_err(got, want) < 1e-6
+  assert any(
+    isinstance(x, lj.GroupedState)
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, lj.GroupedState)
+    )
+  )
+  with pytest.raises(ValueError, match='group_small_leaves'):
+    make(group_small_leaves=1)

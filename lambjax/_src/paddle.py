@@ -291,6 +291,8 @@ def Lamb(
   exclude_from_weight_decay_fn=None,
   multi_precision=False,
   always_adapt=False,
+  *,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Paddle's ``paddle.optimizer.Lamb``.
 
@@ -302,6 +304,10 @@ def Lamb(
   True; the trust ratio is 1 where a norm is zero and is **not applied at
   all** where ``wd == 0`` unless ``always_adapt`` (Paddle's rule; optax and
   :func:`lambjax.lamb` adapt every leaf). ``grad_clip`` runs first.
+
+  ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
+  state of small same-shape leaves as rows of one array, as in
+  :func:`lambjax.lamb`: the same numbers, fewer compiled kernels.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -345,6 +351,7 @@ def Lamb(
         mask=decay,
         trust_ratio_mask=adapt,
         lr_ratio_fn=lr_ratio_fn,
+        group_small_leaves=group_small_leaves,
       ),
     )
 
@@ -376,6 +383,8 @@ def LarsMomentum(
   epsilon=0.0,
   multi_precision=False,
   rescale_grad=1.0,
+  *,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Paddle's ``LarsMomentumOptimizer`` (``paddle.incubate``).
 
@@ -388,6 +397,10 @@ def LarsMomentum(
   :math:`\|p\|` or :math:`\|g\|` is zero; ``wd = 0`` for parameters whose
   name contains a string of ``exclude_from_weight_decay``. ``s`` is
   ``rescale_grad``.
+
+  ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
+  state of small same-shape leaves as rows of one array, as in
+  :func:`lambjax.lars`: the same numbers, fewer compiled kernels.
 
   Examples:
     >>> import lambjax as lj
@@ -450,6 +463,7 @@ def LarsMomentum(
         momentum=momentum,
         trust_ratio_form='paddle',
         lr_ratio_fn=lr_ratio_fn,
+        group_small_leaves=group_small_leaves,
       ),
     )
 
@@ -477,6 +491,8 @@ def Adam(
   grad_clip=None,
   lazy_mode=False,
   multi_precision=False,
+  *,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Paddle's ``paddle.optimizer.Adam``.
 
@@ -484,6 +500,10 @@ def Adam(
   for ``c*p``, ``L1Decay`` for ``c*sign(p)``), then
   :math:`p \leftarrow p - \eta\,\hat m / (\sqrt{\hat v} + \epsilon)`.
   ``lazy_mode`` leaves rows with an all-zero gradient untouched.
+
+  ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
+  state of small same-shape leaves as rows of one array, as in
+  :func:`lambjax.adam`: the same numbers, fewer compiled kernels.
 
   Examples:
     >>> import lambjax as lj
@@ -513,6 +533,7 @@ def Adam(
         lr_ratio_fn,
         True,
         decoupled=False,
+        group_small_leaves=group_small_leaves,
       ),
     )
 
@@ -545,6 +566,8 @@ def AdamW(
   grad_clip=None,
   lazy_mode=False,
   multi_precision=False,
+  *,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Paddle's ``paddle.optimizer.AdamW`` (GPU / documented ``lr_ratio``).
 
@@ -555,6 +578,10 @@ def AdamW(
   with ``wd = 0`` where ``apply_decay_param_fun(name)`` is False and
   :math:`\rho` = ``lr_ratio(name)`` (1 by default). With ``lr_ratio=None``
   this is ``optax.adamw``.
+
+  ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
+  state of small same-shape leaves as rows of one array, as in
+  :func:`lambjax.adamw`: the same numbers, fewer compiled kernels.
 
   Examples:
     >>> import lambjax as lj
@@ -594,6 +621,7 @@ def AdamW(
         ratio,
         True,
         decoupled=True,
+        group_small_leaves=group_small_leaves,
       ),
     )
 
@@ -629,6 +657,8 @@ def AdamWDL(
   layerwise_decay=1.0,
   n_layers=12,
   set_param_lr_fun=None,
+  *,
+  group_small_leaves: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PaddleNLP's ``AdamWDL``, as documented: a single decay with ``lr*ratio``.
 
@@ -646,6 +676,10 @@ def AdamWDL(
     ``lr*ratio*wd``, i.e. ``p*(1 - lr*wd)*(1 - lr*ratio*wd)`` per step. This
     class implements the documented single decay (Paddle's GPU ``lr_ratio``
     semantics), as ``lj.adamw_dl`` does.
+
+  ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
+  state of small same-shape leaves as rows of one array, as in
+  :func:`lambjax.adamw_dl`: the same numbers, fewer compiled kernels.
 
   Examples:
     >>> import lambjax as lj
@@ -668,6 +702,7 @@ def AdamWDL(
     grad_clip,
     lazy_mode,
     multi_precision,
+    group_small_leaves=group_small_leaves,
   )
   return tx
 
