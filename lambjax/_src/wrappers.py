@@ -6,9 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from lambjax._src import base
+from lambjax._src import base, grouping, packing
+from lambjax._src.quantized import QuantizedTensor as _QTensor
 
 
 class MasterWeightsState(NamedTuple):
@@ -126,21 +128,75 @@ def _row_keep(g: jax.Array) -> jax.Array | None:
   return nz.reshape((g.shape[0],) + (1,) * (g.ndim - 1))
 
 
+def _no_array_here(x: Any) -> bool:
+  """A state node that stands for a leaf without holding its array: masked
+  by ``optax.masked`` / ``optax.partition``, or a grouped leaf's slot."""
+  return isinstance(x, optax.MaskedNode | grouping.GroupSlot)
+
+
+def _laid_out_like(tree: Any, params_def, shapes) -> list[Any] | None:
+  """``tree``'s nodes at the params' leaf positions where ``tree`` is laid
+  out like the params (each an array of that leaf's shape or a
+  :func:`_no_array_here` node, not all of them masked); otherwise None."""
+  try:
+    pieces = params_def.flatten_up_to(tree)
+  except (TypeError, ValueError):
+    return None
+  for x, shape in zip(pieces, shapes, strict=True):
+    if _no_array_here(x):
+      continue
+    if not isinstance(x, jax.Array | np.ndarray) or jnp.shape(x) != shape:
+      return None
+  if all(isinstance(x, optax.MaskedNode) for x in pieces):
+    return None
+  return pieces
+
+
+def _check_rows_kept(state: Any) -> None:
+  """A ``ValueError`` for state layouts whose rows lazy_rows cannot keep."""
+  for x in jax.tree.leaves(
+    state, is_leaf=lambda y: isinstance(y, packing.PackedState | _QTensor)
+  ):
+    if isinstance(x, packing.PackedState):
+      raise ValueError(
+        'lazy_rows: the state of `with_packed_state` keeps many leaves in '
+        'one buffer, whose rows lazy_rows cannot keep; wrap the optimizer '
+        'in lazy_rows first: with_packed_state(lazy_rows(tx)).'
+      )
+    if isinstance(x, _QTensor):
+      raise ValueError(
+        'lazy_rows: 8-bit state (`state_8bit=True`) quantizes blocks across '
+        'rows, so rows without a gradient cannot keep their values; use '
+        'float32 or bfloat16 state with lazy_rows.'
+      )
+
+
 def _select_rows(keep, new_tree, old_tree, params_def, shapes):
-  """In every params-shaped subtree of the state, keep old rows."""
+  """In every params-shaped subtree of the state, keep old rows.
+
+  A subtree is params-shaped where it has the params' structure and each
+  leaf's shape, with masked leaves (``optax.MaskedNode``, as in the state
+  of ``optax.partition`` or ``optax.masked``) allowed. In a
+  :class:`lambjax.GroupedState` the grouped leaves' rows are kept in their
+  stacks."""
+  slots: dict[tuple[int, int], dict[int, Any]] = {}
+  keeps = params_def.flatten_up_to(keep)
+
+  def params_like(new, old, pieces):
+    kept = []
+    old_pieces = params_def.flatten_up_to(old)
+    for k, x, o in zip(keeps, pieces, old_pieces, strict=True):
+      if isinstance(x, grouping.GroupSlot):
+        slots.setdefault((x.group, x.part), {})[x.row] = k
+      kept.append(x if k is None or _no_array_here(x) else jnp.where(k, x, o))
+    return params_def.unflatten(kept)
 
   def walk(new, old):
-    if (
-      jax.tree.structure(new) == params_def
-      and [jnp.shape(x) for x in jax.tree.leaves(new)] == shapes
-    ):
-      return jax.tree.map(
-        lambda k, n, o: n if k is None else jnp.where(k, n, o),
-        keep,
-        new,
-        old,
-        is_leaf=lambda x: x is None,
-      )
+    pieces = _laid_out_like(new, params_def, shapes)
+    if pieces is not None:
+      return params_like(new, old, pieces)
+    if isinstance(new, grouping.GroupedState):
+      return grouped(new, old)
     if jax.tree_util.all_leaves([new]) or new is None:
       return new
     kids_new, treedef = jax.tree_util.tree_flatten(
@@ -150,6 +206,28 @@ def _select_rows(keep, new_tree, old_tree, params_def, shapes):
     return jax.tree_util.tree_unflatten(
       treedef, [walk(n, o) for n, o in zip(kids_new, kids_old, strict=True)]
     )
+
+  def grouped(new, old):
+    outer = dict(slots)
+    slots.clear()
+    inner = walk(new.inner, old.inner)
+    stacks = []
+    for j, (news, olds) in enumerate(zip(new.stacks, old.stacks, strict=True)):
+      parts = []
+      for part, (n, o) in enumerate(zip(news, olds, strict=True)):
+        rows = slots.get((j, part), {})
+        if all(rows.get(r) is None for r in range(n.shape[0])):
+          parts.append(n)
+          continue
+        ones = jnp.ones((n.shape[1],) + (1,) * (n.ndim - 2), bool)
+        mask = jnp.stack(
+          [ones if rows.get(r) is None else rows[r] for r in range(n.shape[0])]
+        )
+        parts.append(jnp.where(mask, n, o))
+      stacks.append(tuple(parts))
+    slots.clear()
+    slots.update(outer)
+    return new._replace(inner=inner, stacks=tuple(stacks))
 
   return walk(new_tree, old_tree)
 
@@ -184,7 +262,13 @@ def lazy_rows(
   """
   base.check_tx('lazy_rows', tx)
 
+  def init_fn(params):
+    state = tx.init(params)
+    _check_rows_kept(state)
+    return state
+
   def update_fn(updates, state, params=None, **extra_args):
+    _check_rows_kept(state)
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
     keep = jax.tree.map(_row_keep, updates)
     new_updates = jax.tree.map(
@@ -198,4 +282,4 @@ def lazy_rows(
     new_state = _select_rows(keep, new_state, state, params_def, shapes)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
