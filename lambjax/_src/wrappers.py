@@ -244,6 +244,13 @@ def lazy_rows(
   Counts still advance, as Paddle's per-parameter step does. 0-d leaves are
   updated normally. With no all-zero rows it equals ``tx``.
 
+  The state's moments are found wherever they are laid out like the params:
+  inside ``optax.partition`` / ``optax.masked`` (masked leaves allowed) and
+  in a :class:`lambjax.GroupedState` (rows of its stacks). State whose rows
+  cannot be kept raises a ``ValueError``: :func:`lambjax.with_packed_state`
+  around ``tx`` (write ``with_packed_state(lazy_rows(tx))`` instead) and
+  8-bit state, whose quantization blocks span rows.
+
   Args:
     tx: any optimizer (``lj.adam``, ``lj.adamw``, ``lj.lamb``, ...).
 
