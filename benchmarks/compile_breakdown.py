@@ -13,13 +13,15 @@ in one process: ``jit(step).trace`` (Python tracing to a jaxpr),
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 from bench_step import OPTS, TREES, make_step, make_tree
 
 
-def breakdown(tx, params, grads) -> tuple[float, float, float, int]:
-  """Seconds to trace, lower and compile one step; StableHLO line count."""
+def breakdown(tx, params, grads) -> tuple[float, float, float, int, int]:
+  """Seconds to trace, lower and compile one step; StableHLO line count;
+  kernels (fusions) in the compiled entry computation."""
   step = make_step(tx)
   state = tx.init(params)
   t0 = time.perf_counter()
@@ -27,9 +29,11 @@ def breakdown(tx, params, grads) -> tuple[float, float, float, int]:
   t1 = time.perf_counter()
   lowered = traced.lower()
   t2 = time.perf_counter()
-  lowered.compile()
+  compiled = lowered.compile()
   t3 = time.perf_counter()
-  return t1 - t0, t2 - t1, t3 - t2, lowered.as_text().count('\n')
+  text = compiled.as_text()
+  kernels = len(re.findall(r'= \S+ fusion\(', text[text.index('ENTRY') :]))
+  return t1 - t0, t2 - t1, t3 - t2, lowered.as_text().count('\n'), kernels
 
 
 def main(argv=None):
@@ -44,11 +48,11 @@ def main(argv=None):
   impls = ('lambjax',) if args.no_optax else ('lambjax', 'optax')
   for opt in args.opts.split(','):
     for k, impl in enumerate(impls):
-      tr, lo, co, lines = breakdown(OPTS[opt][k](), params, grads)
+      tr, lo, co, lines, kernels = breakdown(OPTS[opt][k](), params, grads)
       print(
         f'{opt:20s} {impl:8s} trace {tr:6.2f}  lower {lo:6.2f}  '
         f'compile {co:6.2f}  total {tr + lo + co:6.2f}  '
-        f'({lines} StableHLO lines)',
+        f'({lines} StableHLO lines, {kernels} kernels)',
         flush=True,
       )
 
