@@ -207,6 +207,29 @@ def leaf_flags(mask: Any, params: Any, default: bool = True) -> list[bool]:
   return out
 
 
+def params_shaped(
+  node: Any, params_def: Any, shapes: list[tuple], stand_in: Callable
+) -> list | None:
+  """``node``'s parts at the params' leaf positions when ``node`` is laid out
+  like the params, else None.
+
+  Laid out like the params: ``node`` has the params' structure down to their
+  leaves, and each part there is an array (or ``ShapeDtypeStruct``) of that
+  leaf's shape, or a node for which ``stand_in`` is True (a leaf masked out
+  by ``optax.masked`` / ``optax.partition``, or the slot of a packed or
+  grouped leaf). Used to find the moments and other params-shaped parts of
+  an optimizer's state."""
+  try:
+    parts = params_def.flatten_up_to(node)
+  except (ValueError, TypeError):
+    return None
+  ok = all(
+    stand_in(x) or (hasattr(x, 'shape') and tuple(x.shape) == tuple(s))
+    for x, s in zip(parts, shapes, strict=True)
+  )
+  return parts if ok else None
+
+
 def check_tx(where: str, tx: Any) -> None:
   """Raises ``ValueError`` unless ``tx`` is a gradient transformation."""
   if not (

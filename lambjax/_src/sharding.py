@@ -10,7 +10,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lambjax._src import grouping, packing
+from lambjax._src import base, grouping, packing
 
 
 def _is_masked(x) -> bool:
@@ -104,22 +104,13 @@ def state_sharding(
       return p_shard[i]
     return _zero_spec(leaf.shape, mesh, zero_axis, p_shard[i])
 
-  def params_shaped(node) -> list | None:
-    try:
-      parts = p_def.flatten_up_to(node)
-    except (ValueError, TypeError):
-      return None
-    ok = all(
-      _is_masked(x) or (hasattr(x, 'shape') and tuple(x.shape) == s)
-      for x, s in zip(parts, p_shapes, strict=True)
-    )
-    return parts if ok and not all(_is_masked(x) for x in parts) else None
-
   def walk(node):
     if node is None or _is_masked(node):
       return node
     parts = (
-      params_shaped(node) if not jax.tree_util.all_leaves([node]) else None
+      base.params_shaped(node, p_def, p_shapes, _is_masked)
+      if not jax.tree_util.all_leaves([node])
+      else None
     )
     if parts is not None:
       return p_def.unflatten(

@@ -6,7 +6,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lambjax._src import base, grouping, packing
@@ -134,24 +133,6 @@ def _no_array_here(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode | grouping.GroupSlot)
 
 
-def _laid_out_like(tree: Any, params_def, shapes) -> list[Any] | None:
-  """``tree``'s nodes at the params' leaf positions where ``tree`` is laid
-  out like the params (each an array of that leaf's shape or a
-  :func:`_no_array_here` node, not all of them masked); otherwise None."""
-  try:
-    pieces = params_def.flatten_up_to(tree)
-  except (TypeError, ValueError):
-    return None
-  for x, shape in zip(pieces, shapes, strict=True):
-    if _no_array_here(x):
-      continue
-    if not isinstance(x, jax.Array | np.ndarray) or jnp.shape(x) != shape:
-      return None
-  if all(isinstance(x, optax.MaskedNode) for x in pieces):
-    return None
-  return pieces
-
-
 def _check_rows_kept(state: Any) -> None:
   """A ``ValueError`` for state layouts whose rows lazy_rows cannot keep."""
   for x in jax.tree.leaves(
@@ -192,7 +173,7 @@ def _select_rows(keep, new_tree, old_tree, params_def, shapes):
     return params_def.unflatten(kept)
 
   def walk(new, old):
-    pieces = _laid_out_like(new, params_def, shapes)
+    pieces = base.params_shaped(new, params_def, shapes, _no_array_here)
     if pieces is not None:
       return params_like(new, old, pieces)
     if isinstance(new, grouping.GroupedState):
