@@ -82,6 +82,20 @@ def _adam(**kw):
   return lj.lazy_rows(lj.adam(LR, B1, B2, EPS, **kw))
 
 
+def _paddle_adamw(**kw):
+  return lj.paddle.AdamW(
+    LR,
+    B1,
+    B2,
+    EPS,
+    parameters=_GROUPS,
+    weight_decay=WD,
+    apply_decay_param_fun=lambda n: n != 'scale',
+    lazy_mode=True,
+    **kw,
+  )
+
+
 CASES = {
   'adam': (_adam, lambda k: 1.0, lambda k: False),
   'adam_chain': (
@@ -100,31 +114,12 @@ CASES = {
     lambda k: False,
   ),
   'paddle_adamw_groups': (
-    lambda: lj.paddle.AdamW(
-      LR,
-      B1,
-      B2,
-      EPS,
-      parameters=_GROUPS,
-      weight_decay=WD,
-      apply_decay_param_fun=lambda n: n != 'scale',
-      lazy_mode=True,
-    ),
+    lambda: _paddle_adamw(),
     lambda k: 0.5 if k in ('embeddings', 'layers.0.bias') else 1.0,
     lambda k: k != 'scale',
   ),
   'paddle_adamw_groups_grouped': (
-    lambda: lj.paddle.AdamW(
-      LR,
-      B1,
-      B2,
-      EPS,
-      parameters=_GROUPS,
-      weight_decay=WD,
-      apply_decay_param_fun=lambda n: n != 'scale',
-      lazy_mode=True,
-      group_small_leaves=True,
-    ),
+    lambda: _paddle_adamw(group_small_leaves=True),
     lambda k: 0.5 if k in ('embeddings', 'layers.0.bias') else 1.0,
     lambda k: k != 'scale',
   ),
