@@ -160,22 +160,22 @@ def _select_rows(keep, new_tree, old_tree, params_def, shapes):
   of ``optax.partition`` or ``optax.masked``) allowed. In a
   :class:`lambjax.GroupedState` the grouped leaves' rows are kept in their
   stacks."""
-  slots: dict[tuple[int, int], dict[int, Any]] = {}
   keeps = params_def.flatten_up_to(keep)
 
-  def params_like(new, old, pieces):
+  def params_like(new, old, pieces, slots):
+    """Old rows kept in ``new``; a grouped leaf's keep goes to ``slots``."""
     kept = []
     old_pieces = params_def.flatten_up_to(old)
     for k, x, o in zip(keeps, pieces, old_pieces, strict=True):
       if isinstance(x, grouping.GroupSlot):
-        slots.setdefault((x.group, x.part), {})[x.row] = k
+        slots[x.group, x.part, x.row] = k
       kept.append(x if k is None or _no_array_here(x) else jnp.where(k, x, o))
     return params_def.unflatten(kept)
 
-  def walk(new, old):
+  def walk(new, old, slots):
     pieces = base.params_shaped(new, params_def, shapes, _no_array_here)
     if pieces is not None:
-      return params_like(new, old, pieces)
+      return params_like(new, old, pieces, slots)
     if isinstance(new, grouping.GroupedState):
       return grouped(new, old)
     if jax.tree_util.all_leaves([new]) or new is None:
@@ -185,32 +185,28 @@ def _select_rows(keep, new_tree, old_tree, params_def, shapes):
     )
     kids_old = treedef.flatten_up_to(old)
     return jax.tree_util.tree_unflatten(
-      treedef, [walk(n, o) for n, o in zip(kids_new, kids_old, strict=True)]
+      treedef,
+      [walk(n, o, slots) for n, o in zip(kids_new, kids_old, strict=True)],
     )
 
   def grouped(new, old):
-    outer = dict(slots)
-    slots.clear()
-    inner = walk(new.inner, old.inner)
+    slots: dict[tuple[int, int, int], Any] = {}  # (group, part, row) -> keep
+    inner = walk(new.inner, old.inner, slots)
     stacks = []
     for j, (news, olds) in enumerate(zip(new.stacks, old.stacks, strict=True)):
       parts = []
       for part, (n, o) in enumerate(zip(news, olds, strict=True)):
-        rows = slots.get((j, part), {})
-        if all(rows.get(r) is None for r in range(n.shape[0])):
+        rows = [slots.get((j, part, r)) for r in range(n.shape[0])]
+        if all(k is None for k in rows):
           parts.append(n)
           continue
         ones = jnp.ones((n.shape[1],) + (1,) * (n.ndim - 2), bool)
-        mask = jnp.stack(
-          [ones if rows.get(r) is None else rows[r] for r in range(n.shape[0])]
-        )
+        mask = jnp.stack([ones if k is None else k for k in rows])
         parts.append(jnp.where(mask, n, o))
       stacks.append(tuple(parts))
-    slots.clear()
-    slots.update(outer)
     return new._replace(inner=inner, stacks=tuple(stacks))
 
-  return walk(new_tree, old_tree)
+  return walk(new_tree, old_tree, {})
 
 
 def lazy_rows(
