@@ -3,6 +3,11 @@ determinism."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -272,6 +277,70 @@ def test_same_inputs_give_bitwise_identical_outputs(name):
       p = optax.apply_updates(p, u)
     outs.append((p, s))
   chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+# Lowers jitted train steps for a BERT-like tree (named layers, large and
+# small leaves, so windows and groups of small leaves are exercised) and
+# prints a digest of each StableHLO text.
+_LOWER_STEPS = """
+import hashlib, json
+import jax, jax.numpy as jnp, optax
+import lambjax as lj
+
+shapes = {'embeddings.word_embeddings.weight': (300, 16),
+          'embeddings.LayerNorm.weight': (16,)}
+for i in range(3):
+  for name, shape in [('attention.query.weight', (16, 16)),
+                      ('attention.query.bias', (16,)),
+                      ('intermediate.dense.weight', (16, 300)),
+                      ('intermediate.dense.bias', (300,)),
+                      ('output.LayerNorm.weight', (16,))]:
+    shapes[f'encoder.layers.{i}.{name}'] = shape
+params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+decay = lambda p: {k: 'LayerNorm' not in k and 'bias' not in k for k in p}
+optimizers = {
+  'lamb': lj.lamb(1e-3, weight_decay=0.01, mask=decay),
+  'lamb_grouped': lj.lamb(1e-3, weight_decay=0.01, group_small_leaves=True),
+  'lars': lj.lars(0.1, weight_decay=1e-4),
+  'adamw_dl': lj.adamw_dl(1e-3, layerwise_decay=0.8, n_layers=3),
+  'paddle.Lamb': lj.paddle.Lamb(1e-3, grad_clip=lj.paddle.ClipGradByNorm(1.0)),
+  'paddle.AdamW': lj.paddle.AdamW(1e-3, lazy_mode=True),
+}
+out = {}
+for name, tx in optimizers.items():
+  def step(p, s, g, tx=tx):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  state = jax.eval_shape(tx.init, params)
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+  out[name] = hashlib.sha256(text.as_text().encode()).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_lowering_is_the_same_in_every_process():
+  # jax's persistent compilation cache (``jax_compilation_cache_dir``) keys
+  # executables by the lowered program: a restarted job reuses its compiled
+  # step only if the optimizer lowers to the same program in a new process.
+  # String hashing differs between processes (PYTHONHASHSEED), so anything
+  # ordered by a set or by hash() would show up here.
+  def lower(hash_seed):
+    return subprocess.Popen(
+      [sys.executable, '-c', _LOWER_STEPS],
+      env=dict(os.environ, PYTHONHASHSEED=str(hash_seed), JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+
+  procs = [lower(seed) for seed in (1, 2)]
+  digests = []
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    digests.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert len(digests[0]) == 6
+  assert digests[0] == digests[1]
 
 
 def test_resume_is_exact_under_gradient_accumulation(tmp_path):
