@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -604,6 +606,37 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars(shapes):
   assert temps[True] < 0.25 * size
   if jax.default_backend() == 'cpu':  # XLA:GPU fuses the chain's too.
     assert temps[False] >= 0.25 * size  # The check can fail.
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
+)
+@pytest.mark.parametrize(
+  'make, per_leaf',
+  [
+    (lambda: lj.lamb(1e-3, weight_decay=0.01), 1),
+    (lambda: lj.paddle.Lamb(1e-3, 0.01), 1),
+    # optax's LARS norm reads ``g - c p`` with ``c`` a scalar of the leaf's
+    # own (``norm_operand``): one more scalar kernel.
+    (lambda: lj.lars(0.1, weight_decay=1e-4), 2),
+    (lambda: lj.lars(0.1, weight_decay=1e-4, trust_ratio_form='paddle'), 1),
+    (lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4), 1),
+  ],
+  ids=['lamb', 'paddle.Lamb', 'lars', 'lars_paddle_form', 'paddle.Lars'],
+)
+def test_trust_ratio_is_one_scalar_kernel_per_leaf(make, per_leaf):
+  """Each kernel is compiled and scheduled: the trust ratio's square roots,
+  guard and division form one scalar kernel per leaf, not three (XLA keeps
+  an expensive scalar op apart when two kernels read it)."""
+  n = 6
+  params = {f'w{i}': jnp.full((96, 64), 0.1 * (i + 1)) for i in range(n)}
+  tx = make()
+  step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+  text = step.lower(params, tx.init(params), params).compile().as_text()
+  entry = text[text.index('ENTRY') :]
+  scalar = re.findall(r'= f32\[\] fusion\(.*kind=kLoop', entry)
+  # At most 3 for the whole step: the count and the bias corrections.
+  assert len(scalar) <= per_leaf * n + 3, scalar
 
 
 # ---------------------------------------------------------------------------
