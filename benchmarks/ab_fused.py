@@ -52,7 +52,13 @@ OPTS = {
   'lamb_bf16': lambda: lj.lamb(
     1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
   ),
+  'lamb_grouped': lambda: lj.lamb(
+    1e-3, weight_decay=0.01, group_small_leaves=True
+  ),
   'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
+  'lars_grouped': lambda: lj.lars(
+    1e-3, weight_decay=0.01, group_small_leaves=True
+  ),
   'adamw': lambda: lj.adamw(1e-3, weight_decay=0.01),
   'adam': lambda: lj.adam(1e-3),
   'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3, 0.01),
