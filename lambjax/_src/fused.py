@@ -658,7 +658,7 @@ def adam_family(
     # One large direction at a time (see ``after``); with a workspace there
     # is no temporary to save.
     one_at_a_time = trust and not workspace and breadth_first()
-    previous: list[Any] = []  # The last window's trust ratios.
+    previous: list[Any] = []  # The last large leaf's trust ratio.
     gs = [items.stack(v, g_leaves) for v in range(n)]
 
     def first(v):
@@ -704,10 +704,7 @@ def adam_family(
       pps = sumsqs([p for p, _, _ in entries], axes)
       uus = sumsqs([u for _, u, _ in entries], axes)
       dtypes = [p.dtype for p, _, _ in entries]
-      got = batched_ratios(trust_ratio, pps, uus, dtypes)
-      if one_at_a_time:
-        previous[:] = [got[-1]]
-      return got
+      return batched_ratios(trust_ratio, pps, uus, dtypes)
 
     def last(v, ratio):
       rho = items.lr_ratio(v, lr_ratio_fn, stacked, dirs[v].shape)
@@ -716,6 +713,10 @@ def adam_family(
       ratios[v] = ratio
       g = gs[v]
       if one_at_a_time and ratio is not None and is_large(g):
+        # The chain runs through the large leaves only: a small leaf's ratio
+        # does not wait for the large leaf before it, so a large leaf that
+        # waited for it could run beside that one.
+        previous[:] = [ratio]
         # Moments stored in another dtype: the direction re-reads the old
         # stored moments, which the new ones overwrite in place (donated);
         # written after the trust ratio, they are written after that read,
