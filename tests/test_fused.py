@@ -225,9 +225,10 @@ def test_fused_equals_chain_bf16_params(name):
 
 
 def _wide_tree(seed=0, dtypes=(np.float32,)):
-  """More leaves than one window of the fast path, many of one small shape
-  (grouped norms), a zero bias, leaves big enough for LARS's expanded norms
-  and, with several ``dtypes``, mixed dtypes in one window."""
+  """More leaves than one window of the fast path: 26 of shape ``(4,)``
+  (windows of one shape on XLA:CPU, with grouped norms) and 13 of ``(5, 4)``
+  (too few for a window there: leaf by leaf), a zero bias, leaves big enough
+  for LARS's expanded norms and, with several ``dtypes``, mixed dtypes."""
   rng = np.random.default_rng(seed)
   tree = {}
   for i in range(13):
@@ -257,6 +258,11 @@ def test_fused_equals_chain_on_a_wide_tree(name):
   """Windows of leaves, same-shape groups and a zero-update leaf."""
   params = _wide_tree()
   assert len(jax.tree.leaves(params)) > 2 * fused_lib._WINDOW
+  sizes = [np.size(x) for x in jax.tree.leaves(params)]
+  keys = [np.shape(x) for x in jax.tree.leaves(params)]
+  runs = _windows_of(sizes, keys)
+  assert max(map(len, runs)) == fused_lib._WINDOW  # Windows of (4,) ...
+  assert sum(len(r) == 1 and keys[r[0]] == (5, 4) for r in runs) == 13
   grads = _wide_grads(params, 4, seed=7)
   trajs, _ = _trajectories(name, params, grads)
   assert h.trajectory_rel_err(trajs[0], trajs[1]) < 1e-6
@@ -439,8 +445,50 @@ def test_eager_steps_compile_the_pieces_once(name, caplog):
   assert compiled == []
 
 
+def _windows_of(sizes, keys):
+  """The windows ``fused.in_windows`` runs, in order, as lists of leaves."""
+  runs, finished = [], []
+
+  def ratios(entries):
+    runs.append(list(entries))
+    return [None] * len(entries)
+
+  fused_lib.in_windows(
+    sizes, lambda i: i, ratios, lambda i, r: finished.append(i), keys
+  )
+  assert sorted(finished) == list(range(len(sizes)))  # Each leaf once.
+  assert [i for r in runs for i in r] == finished
+  return runs
+
+
+def test_windows_hold_one_key_and_only_keys_of_many_leaves():
+  win = fused_lib._WINDOW
+  n_a, n_b = 2 * win + 3, fused_lib._WINDOWED_MIN - 1
+  # 'a': enough small leaves for windows; 'b': one too few; 'L': large.
+  keys = ['a'] * n_a + ['b'] * n_b + ['L'] * 5
+  keys = [keys[i] for i in np.random.default_rng(0).permutation(len(keys))]
+  sizes = [fused_lib._SMALL + 1 if k == 'L' else 8 for k in keys]
+  runs = _windows_of(sizes, keys)
+  for r in runs:
+    assert len({keys[i] for i in r}) == 1  # One key per window.
+    assert len(r) <= win
+  a_runs = [r for r in runs if keys[r[0]] == 'a']
+  assert [len(r) for r in a_runs] == [win, win, 3]
+  # Too few leaves of 'b', and every large leaf: one at a time, in order.
+  alone = [r[0] for r in runs if keys[r[0]] != 'a']
+  assert all(len(r) == 1 for r in runs if keys[r[0]] != 'a')
+  assert alone == [i for i, k in enumerate(keys) if k != 'a']
+  # Without keys (not XLA:CPU): small leaves of any kind share windows.
+  mixed = _windows_of(sizes, None)
+  assert max(len(r) for r in mixed) == win
+  assert any(len({keys[i] for i in r}) == 2 for r in mixed)
+
+
 @pytest.mark.parametrize('name', ['lamb', 'lars', 'lars_paddle'])
-def test_fused_equals_chain_with_mixed_dtypes_in_a_window(name):
+def test_fused_equals_chain_with_mixed_dtypes_in_a_window(name, monkeypatch):
+  """Leaves of two dtypes: one window on most backends; on XLA:CPU (windows
+  of one dtype) made to form windows of each dtype."""
+  monkeypatch.setattr(fused_lib, '_WINDOWED_MIN', 2)
   tree = _wide_tree(2, dtypes=(np.float32, jnp.bfloat16))
   params = jax.tree.map(jnp.asarray, tree)
   g = jax.tree.map(jnp.asarray, _wide_grads(tree, 1, seed=9)[0])

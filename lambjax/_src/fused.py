@@ -314,6 +314,28 @@ def _clamp(ratio, lo, hi):
 # still (BERT-base lamb 3.0 s vs 2.0 s).
 _WINDOW = 16
 _SMALL = 4096
+# On XLA:CPU a window also costs compile time: each leaf's update reads its
+# sums and ratio at an offset into the window's vectors, so its kernel
+# differs from every other leaf's, and XLA:CPU compiles each distinct kernel
+# anew (~10 ms) where it reuses identical ones (~1 ms). Windows pay where
+# they repeat, so there a window holds leaves of one shape and dtype, and a
+# shape and dtype with fewer small leaves than a window goes leaf by leaf
+# (identical kernels, but ~3x as many of them to run each step). Lower +
+# compile of 24 / 48 / 96 leaves of 1,000 floats in windows against leaf by
+# leaf: 2.1x / 1.0x / 0.8x. ResNet-50 against windows of mixed shapes: LAMB
+# 0.78x, LARS 0.75x, steps tied (benchmarks/RESULTS.md, "Windows of one
+# shape"); leaf by leaf below 48 leaves compiled no faster and ran ResNet-50
+# LARS's step 4% slower.
+_WINDOWED_MIN = _WINDOW
+
+
+def window_keys(xs: Sequence[Any]) -> list[Any] | None:
+  """Per leaf, what its window must share (shape and dtype); ``None``: any
+  small leaves share windows (not XLA:CPU, whose compile costs are the ones
+  measured; kernels issued one by one from a GPU's host cost there)."""
+  if jax.default_backend() != 'cpu':
+    return None
+  return [(jnp.shape(x), jnp.result_type(x)) for x in xs]
 
 
 def in_windows(
@@ -321,6 +343,7 @@ def in_windows(
   first: Callable[[int], Any],
   ratios: Callable[[list[Any]], list[Any]],
   last: Callable[[int, Any], None],
+  keys: Sequence[Any] | None = None,
 ) -> None:
   """Leaf-by-leaf work, small leaves in windows.
 
@@ -330,7 +353,9 @@ def in_windows(
   finishes leaf ``i`` (``ratio`` is ``None`` where not adapted). A leaf of
   more than ``_SMALL`` elements (``sizes[i]``) is a window of its own, done
   where it comes; the others wait for a full window (or the end), so leaves
-  are finished out of order: write results by index.
+  are finished out of order: write results by index. With ``keys``, a
+  window holds leaves of one key, and a key of fewer than ``_WINDOWED_MIN``
+  small leaves goes leaf by leaf.
   """
 
   def run(idx):
@@ -340,17 +365,24 @@ def in_windows(
     for i in idx:
       last(i, by_leaf.get(i))
 
-  pending: list[int] = []
-  for i, size in enumerate(sizes):
-    if size > _SMALL:
+  small = [size <= _SMALL for size in sizes]
+  key_of = list(keys) if keys is not None else [None] * len(sizes)
+  counts: dict[Any, int] = {}
+  for i in range(len(sizes)):
+    if small[i]:
+      counts[key_of[i]] = counts.get(key_of[i], 0) + 1
+  pending: dict[Any, list[int]] = {}
+  for i in range(len(sizes)):
+    key = key_of[i]
+    if not small[i] or (keys is not None and counts[key] < _WINDOWED_MIN):
       run([i])
       continue
-    pending.append(i)
-    if len(pending) == _WINDOW:
-      run(pending)
-      pending = []
-  if pending:
-    run(pending)
+    window = pending.setdefault(key, [])
+    window.append(i)
+    if len(window) == _WINDOW:
+      run(pending.pop(key))
+  for window in pending.values():
+    run(window)
 
 
 def is_large(x) -> bool:
@@ -725,7 +757,8 @@ def adam_family(
           if out[v].dtype != g.dtype:
             out[v] = after(out[v], ratio)
 
-    in_windows([np.size(x) for x in gs], first, window_ratios, last)
+    sizes = [np.size(x) for x in gs]
+    in_windows(sizes, first, window_ratios, last, window_keys(gs))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     leaf_u, leaf_r = [None] * len(g_leaves), [None] * len(g_leaves)
     leaf_m, leaf_v = list(mu_leaves), list(nu_leaves)  # Slots stay.
@@ -949,7 +982,8 @@ def lars(
       out_u[v], out_t[v] = momentum_step(d, t, step)
       ratios[v] = ratio
 
-    in_windows([np.size(p) for p in ps], first, window_ratios, last)
+    sizes = [np.size(p) for p in ps]
+    in_windows(sizes, first, window_ratios, last, window_keys(gs))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     leaf_u, leaf_r, leaf_t = (
       [None] * len(g_leaves),
