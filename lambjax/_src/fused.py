@@ -323,9 +323,9 @@ _SMALL = 4096
 # (identical kernels, but ~3x as many of them to run each step). Lower +
 # compile of 24 / 48 / 96 leaves of 1,000 floats in windows against leaf by
 # leaf: 2.1x / 1.0x / 0.8x. ResNet-50 against windows of mixed shapes: LAMB
-# 0.78x, LARS 0.75x, steps tied (benchmarks/RESULTS.md, "Windows of one
-# shape"); leaf by leaf below 48 leaves compiled no faster and ran ResNet-50
-# LARS's step 4% slower.
+# 0.84x, LARS 0.78x, steps tied (benchmarks/RESULTS.md, "The direction
+# chain and windows of one shape"); leaf by leaf below 48 leaves compiled
+# no faster and ran ResNet-50 LARS's step 4-6% slower.
 _WINDOWED_MIN = _WINDOW
 
 
