@@ -750,9 +750,6 @@ def test_one_direction_at_a_time_changes_no_number(name, nan, monkeypatch):
       assert np.all(np.isfinite(x)) == (leaf_name != f'{first_big}.kernel')
 
 
-@pytest.mark.skipif(
-  jax.default_backend() != 'cpu', reason='XLA:CPU schedules breadth first'
-)
 def _window_between_tree():
   """Four large leaves with a full window of small leaves before each."""
   rng = np.random.default_rng(1)
@@ -765,6 +762,9 @@ def _window_between_tree():
   }
 
 
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason='XLA:CPU schedules breadth first'
+)
 @pytest.mark.parametrize('tree', ['bias', 'window'])
 def test_one_direction_at_a_time_keeps_one_temporary(monkeypatch, tree):
   """What the ordering is for: without it XLA:CPU keeps every large leaf's
