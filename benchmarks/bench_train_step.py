@@ -49,24 +49,14 @@ from flax import linen as nn
 from flax.training import train_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'examples'))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_step  # noqa: E402
 import tiny_bert  # noqa: E402
 
 import lambjax as lj  # noqa: E402
 
-OPTS = {
-  'lamb': (
-    lambda: lj.lamb(1e-3, weight_decay=0.01),
-    lambda: optax.lamb(1e-3, weight_decay=0.01),
-  ),
-  'lars': (
-    lambda: lj.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
-    lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
-  ),
-  'adamw': (
-    lambda: lj.adamw(1e-3, weight_decay=0.01),
-    lambda: optax.adamw(1e-3, weight_decay=0.01),
-  ),
-}
+# Any optimizer pair of bench_step.py (lambjax, optax) can be named.
+OPTS = bench_step.OPTS
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +282,11 @@ def main(argv=None):
     help='comma-separated BxS (batch x sequence length or image size); '
     f'default per model: {DEFAULT_BATCHES}',
   )
-  p.add_argument('--opts', default='lamb,lars,adamw')
+  p.add_argument(
+    '--opts',
+    default='lamb,lars,adamw',
+    help='names from bench_step.OPTS (e.g. paddle.Lamb, lamb_grouped)',
+  )
   p.add_argument('--rounds', type=int, default=7)
   a = p.parse_args(argv)
   print(
