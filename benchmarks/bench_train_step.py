@@ -57,6 +57,7 @@ import lambjax as lj  # noqa: E402
 
 # Any optimizer pair of bench_step.py (lambjax, optax) can be named.
 OPTS = bench_step.OPTS
+fmt_ms = bench_step.fmt_ms
 
 
 # ---------------------------------------------------------------------------
@@ -194,13 +195,6 @@ class TrainStep:
     self.state, value = self.compiled(self.state, *self.batch)
     jax.block_until_ready((self.state, value))
     return time.perf_counter() - t0
-
-
-def fmt_ms(xs):
-  return (
-    f'{1e3 * statistics.median(xs):8.1f} '
-    f'[{1e3 * min(xs):.1f}-{1e3 * max(xs):.1f}]'
-  )
 
 
 def rel_diff(a, b):
