@@ -28,6 +28,10 @@ own step carries params that start 1e-8 (relative) apart over as many
 steps: the training dynamics amplify rounding (Adam divides tiny gradients
 by their own size), so two correct implementations that round differently
 drift apart by about that much.
+
+``train_step_variants.py`` times variants of lambjax's step inside this
+same training step (the order of LAMB's direction chain, every update
+forced after every gradient).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ MODULES = (
   'paddle_recipe',
   'tiny_bert',
   'convergence',
+  'train_step_variants',
+  'bench_train_step',
+  'bench_step',
 )
 
 
@@ -155,3 +158,55 @@ def test_paddle_recipe_resumes_bit_exact():
   out = pr.main(steps=12, batch_size=8, num_samples=64, progress=False)
   assert out['resumed_exact'] is True
   assert np.isfinite(out['loss'])
+
+
+def test_train_step_variants_reorders_the_chain_without_changing_numbers():
+  """benchmarks/train_step_variants.py patches ``fused.in_windows`` to visit
+  the leaves in another order: the targets it patches exist, and LAMB's
+  update (written by leaf index) does not depend on that order."""
+  import optax
+
+  import lambjax as lj
+  from lambjax._src import fused
+
+  variants = importlib.import_module('train_step_variants')
+  rng = np.random.default_rng(0)
+  shapes = [(96, 64), (8,), (130, 40), (8,), (300,)] + [(8,)] * 17
+  params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+  grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+  params[1] *= 0.0  # a zero-norm leaf
+
+  def step():
+    tx = lj.lamb(1e-2, weight_decay=0.1)
+    fn = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    state = tx.init(params)
+    out = []
+    for _ in range(2):
+      updates, state = fn(grads, state, params)
+      out.append(updates)
+    return out
+
+  want = step()
+  perm = list(range(len(shapes)))[::-1]
+  saved = fused.in_windows
+  fused.in_windows = variants.permuted(perm)
+  try:
+    got = step()
+  finally:
+    fused.in_windows = saved
+  assert fused.breadth_first() is (jax.default_backend() == 'cpu')
+  # Reversed, the small leaves fall into windows of other sizes, whose
+  # vectors of trust-ratio arithmetic XLA may round differently in the last
+  # bit or two; the large leaves are bit for bit the same.
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.size > fused._SMALL:
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+  # The gate is an exact identity on the updates.
+  gated = optax.chain(lj.lamb(1e-2), variants.gate(whole=True))
+  plain = lj.lamb(1e-2)
+  u1, _ = jax.jit(gated.update)(grads, gated.init(params), params)
+  u2, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
