@@ -129,7 +129,7 @@ def main(argv=None):
   ap.add_argument(
     '--impls',
     default='lambjax,optax',
-    help='lambjax and/or optax (optax: plain and gate only)',
+    help='lambjax and/or optax (optax: plain and the gates only)',
   )
   ap.add_argument('--rounds', type=int, default=11)
   a = ap.parse_args(argv)
