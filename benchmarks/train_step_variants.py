@@ -148,7 +148,9 @@ def main(argv=None):
       variants = a.variants.split(',')
       if impl == 'optax':  # The chain patches do not touch optax.
         variants = list(
-          dict.fromkeys(v if v == 'gate' else 'plain' for v in variants)
+          dict.fromkeys(
+            v if v.startswith('gate') else 'plain' for v in variants
+          )
         )
       for variant in variants:
         step = build(variant, make, model, loss, params, data, perm)
