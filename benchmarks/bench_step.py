@@ -14,6 +14,13 @@ of them alike; we report the median and min-max over rounds, and the median
 of the per-round ratios optax/lambjax (> 1: lambjax is faster). The roof is an
 in-place 4-read-3-write elementwise pass over the same number of float32s,
 timed in the same rounds; ``roof`` = roof time / step time.
+
+Memory (CPU, BERT-base lamb, each in a fresh process): the process's peak
+RSS over a bare jax process, and the step's own peak: the step is compiled
+ahead of time, then the peak RSS of four steps over the RSS just before
+them (the first step allocates the temporaries; glibc keeps most of them,
+so measuring after a warm-up step would hide them).
+Both are given as multiples of params + grads + state.
 """
 
 from __future__ import annotations
@@ -440,13 +447,18 @@ wbytes = sum(x.nbytes for x in jax.tree.leaves(work))
 
 
 def peak_rss(opt, impl, tree):
-  """Runs one optimizer in a fresh process.
+  """Runs one optimizer in a fresh process; returns MiB as a dict.
 
-  Returns MiB: (peak RSS minus a bare jax process, params+grads+state,
-  params+grads+moments, step transient). The step transient is the peak
-  during three steps (VmHWM reset after compile and a warm-up step) minus
-  the RSS just before them: what the step itself allocates beyond its
-  arrays, without compiler and data-generation memory.
+  ``extra``: the process's peak RSS (VmHWM) minus a bare jax process's,
+  data generation and compilation included. ``arrays``: params + grads +
+  state; ``core``: the same without a workspace buffer. ``data``: RSS after
+  making the arrays and the state, over a bare jax process and the arrays
+  (allocator slack of data generation). ``compile``: what lowering and
+  compiling the step (ahead of time, from the live arrays) left in RSS.
+  ``first``: the first step's peak over the RSS just before it, which is
+  where a step's temporaries are first allocated (glibc keeps what it
+  frees below its mmap ceiling, so later steps find them mapped).
+  ``steps``: the peak of that step and three more over the same RSS.
   """
   # ru_maxrss survives fork+exec on Linux (a child starts at the parent's
   # peak), so read VmHWM, which belongs to the new address space.
@@ -458,16 +470,25 @@ def peak_rss(opt, impl, tree):
     _child_setup(opt, impl, tree)
     + f"""
 st = {status}
+def reset_peak():  # VmHWM := VmRSS
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+b.block((params, state, grads))
+made = st('VmRSS')
+step = step.lower(params, state, grads).compile()
+compiled = st('VmRSS')
+peak = st('VmHWM')
+reset_peak()
 params, state = step(params, state, grads)
 b.block((params, state))
-before = st('VmRSS')
-with open('/proc/self/clear_refs', 'w') as f:
-  f.write('5')  # resets VmHWM to the current RSS
+first = st('VmHWM') - compiled
 for _ in range(3):
   params, state = step(params, state, grads)
 b.block((params, state))
-transient = st('VmHWM') - before
-{_SIZES}print(st('VmHWM'), nbytes / 2**20, (nbytes - wbytes) / 2**20, transient)
+steps = st('VmHWM') - compiled
+peak = max(peak, st('VmHWM'))
+{_SIZES}print(peak, nbytes / 2**20, (nbytes - wbytes) / 2**20, made,
+      compiled - made, first, steps)
 """
   )
   base_code = (
@@ -485,7 +506,16 @@ transient = st('VmHWM') - before
   out = subprocess.run(
     [sys.executable, '-c', code], capture_output=True, text=True, check=True
   ).stdout.split()
-  return float(out[0]) - base, float(out[1]), float(out[2]), float(out[3])
+  peak, arrays, core, made, comp, first, steps = (float(x) for x in out)
+  return {
+    'extra': peak - base,
+    'arrays': arrays,
+    'core': core,
+    'data': made - base - arrays,
+    'compile': comp,
+    'first': first,
+    'steps': steps,
+  }
 
 
 def peak_device_mem(opt, impl, tree):
@@ -588,32 +618,27 @@ def main(argv=None):
       )
   if not a.no_rss and cpu and 'bert' in trees and 'lamb' in opts:
     print(
-      '\n## peak RSS, BERT-base lamb step (fresh process, minus a bare '
-      'jax process)'
+      '\n## RSS, BERT-base lamb (fresh process; process peak over a bare '
+      'jax process, step peak over the RSS just before the step)'
     )
     runs = [('lamb', 'lambjax'), ('lamb', 'optax')]
     if 'lamb_workspace' in opts and not a.quick:  # quick: < 3 min
       runs.append(('lamb_workspace', 'lambjax'))
     for opt, impl in runs:
-      extra, arrays, core, transient = peak_rss(opt, impl, 'bert')
+      r = peak_rss(opt, impl, 'bert')
+      arrays = r['arrays']
       print(
-        f'{opt:15s} {impl:8s} peak RSS +{extra:5.0f} MiB; '
-        f'params+grads+state {arrays:.0f} MiB: {extra / arrays:.2f}x, '
-        f'params+grads+moments {core:.0f} MiB: {extra / core:.2f}x; '
-        f'step transient {transient:4.0f} MiB: (state + transient) / '
-        f'(params+grads+state) {(arrays + transient) / arrays:.2f}x',
+        f'{opt:15s} {impl:8s} process peak +{r["extra"]:5.0f} MiB: '
+        f'{r["extra"] / arrays:.2f}x params+grads+state ({arrays:.0f} MiB), '
+        f'{r["extra"] / r["core"]:.2f}x params+grads+moments; step peak '
+        f'{(arrays + r["steps"]) / arrays:.2f}x (+{r["steps"]:.0f} MiB, '
+        f'first step +{r["first"]:.0f}); beyond the '
+        f'arrays: data {r["data"]:.0f}, compile {r["compile"]:.0f} MiB',
         flush=True,
       )
       rows.append(
-        {
-          'tree': 'bert',
-          'opt': opt,
-          'impl': impl,
-          'rss_mib': extra,
-          'arrays_mib': arrays,
-          'core_mib': core,
-          'transient_mib': transient,
-        }
+        {'tree': 'bert', 'opt': opt, 'impl': impl}
+        | {f'rss_{k}_mib': v for k, v in r.items()}
       )
   if a.json:
     with open(a.json, 'w') as f:
