@@ -453,8 +453,9 @@ def peak_rss(opt, impl, tree):
   data generation and compilation included. ``arrays``: params + grads +
   state; ``core``: the same without a workspace buffer. ``data``: RSS after
   making the arrays and the state, over a bare jax process and the arrays
-  (allocator slack of data generation). ``compile``: what lowering and
-  compiling the step (ahead of time, from the live arrays) left in RSS.
+  (imports and the allocator slack of data generation). ``compile``: what
+  lowering and compiling the step (ahead of time, from the live arrays)
+  left in RSS.
   ``first``: the first step's peak over the RSS just before it, which is
   where a step's temporaries are first allocated (glibc keeps what it
   frees below its mmap ceiling, so later steps find them mapped).
