@@ -55,6 +55,7 @@ OPTS = {
   'lamb_grouped': lambda: lj.lamb(
     1e-3, weight_decay=0.01, group_small_leaves=True
   ),
+  'lamb_workspace': lambda: lj.lamb(1e-3, weight_decay=0.01, workspace=True),
   'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
   'lars_grouped': lambda: lj.lars(
     1e-3, weight_decay=0.01, group_small_leaves=True

@@ -346,18 +346,20 @@ def lamb(
     state_8bit: store Adam's moments 8-bit blockwise
       (:func:`lambjax.scale_by_adam_8bit`, about 0.25x the state memory);
       trust ratio and update stay float32. Runs the chain, not the fast path.
-    workspace: keep one params-sized buffer per adapted leaf in the state
-      (:class:`lambjax.WorkspaceState`) and write the direction ``r`` into it
-      each step. A speed option for XLA:CPU with a donated state: ``r`` has
-      two consumers (its norm and the update), so XLA materialises it, and a
-      fresh temporary there costs page faults every step. Without the
-      option that temporary is one leaf's (directions are computed one at a
-      time), so the gain is small (BERT-base: ~200 instead of ~220 ms per
-      step, benchmarks/RESULTS.md). The numbers are unchanged; the state
-      holds one more params-sized tree. Needs the fast path (static
+    workspace: keep a buffer in the state (:class:`lambjax.WorkspaceState`)
+      for each adapted leaf whose direction ``r`` takes more than 16 MiB,
+      and write ``r`` into it each step. A speed option for XLA:CPU with a
+      donated state: ``r`` has two consumers (its norm and the update), so
+      XLA materialises it, and a temporary that large is fresh memory there,
+      page-faulted every step (smaller ones are computed one at a time and
+      reuse heap memory). BERT-base: a buffer for the word embedding only
+      (+89 MiB, about what the step's temporary costs without the option),
+      and a step about 1.3x as fast (benchmarks/RESULTS.md); a tree with no
+      leaf that large gets no buffer and no gain. The numbers are
+      unchanged; the state structure is not. Needs the fast path (static
       hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on
-      GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option made the
-      step slower (0.75x) and used more memory.
+      GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option (then a
+      buffer per leaf) made the step slower (0.75x) and used more memory.
     group_small_leaves: keep the state of small leaves that share a shape,
       dtype and masks stacked, one array per group, and update each group
       as one leaf with a ratio per row: the same numbers, far fewer kernels

@@ -510,18 +510,33 @@ def _step_and_lr_state(lr_tx, lr_state):
 
 class WorkspaceState(NamedTuple):
   """State of ``lamb(..., workspace=True)``: the optimizer's own state and a
-  persistent buffer per trust-ratio leaf.
+  persistent buffer for each large trust-ratio leaf.
 
   Attributes:
     inner_state: the state of the transformation without a workspace (the
       chain's state, unchanged).
     direction: per leaf, the last update direction ``r`` before the trust
-      ratio (zeros before the first step); a zero-size array for leaves that
-      are not adapted.
+      ratio (zeros before the first step) where that direction takes more
+      than 16 MiB; a zero-size array for the other leaves, and for leaves
+      that are not adapted.
   """
 
   inner_state: Any
   direction: Any
+
+
+# ``lamb(workspace=True)`` keeps a buffer for the directions of more than
+# this many bytes only. What costs is XLA:CPU's block of temporaries: glibc
+# serves an allocation above its mmap threshold (which adapts up to 32 MiB)
+# with fresh pages, page-faulted every step, and reuses heap memory below
+# it. With the large directions computed one at a time (``after``) that
+# block is about the largest direction left out of the workspace, so only
+# directions over 16 MiB go in. BERT-base: the word embedding's (89 MiB;
+# temp 89.9 -> 9.0 MiB, state +89 MiB instead of +418 MiB for a buffer per
+# leaf), and the step ran 1.11x faster than with a buffer per leaf
+# (benchmarks/RESULTS.md, "A workspace for the large directions only");
+# ResNet-50: none (9 MiB at most, temp 9 MiB either way).
+_WORKSPACE_MIN_BYTES = 16 * 2**20
 
 
 def _direction_dtype(p, mu_dtype, nu_dtype):
@@ -566,11 +581,12 @@ def adam_family(
   (``TrustRatioState`` at that index of the chain state) and so does this.
 
   With ``workspace`` (LAMB only) the state is a :class:`WorkspaceState`: the
-  direction ``r`` of each adapted leaf is written into a buffer carried in
-  the state. ``r`` has two consumers (its norm and the update), so XLA:CPU
-  materialises it; without a workspace that is a fresh temporary every step,
-  whose page faults cost about a quarter of a BERT-base step on the
-  benchmark machine. A donated state buffer is reused in place instead.
+  direction ``r`` of each adapted leaf larger than ``_WORKSPACE_MIN_BYTES``
+  is written into a buffer carried in the state. ``r`` has two consumers
+  (its norm and the update), so XLA:CPU materialises it; without a
+  workspace a large one is fresh mmapped memory every step, whose page
+  faults cost about a fifth of a BERT-base step on the benchmark machine.
+  A donated state buffer is reused in place instead.
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if workspace and not trust:
@@ -648,10 +664,11 @@ def adam_family(
       return inner
     adapt = base.leaf_flags(trust_mask, params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    bufs = [
-      jnp.zeros(p.shape if a else (0,), _direction_dtype(p, mu_dtype, nu_dtype))
-      for p, a in zip(leaves, adapt, strict=True)
-    ]
+    bufs = []
+    for p, a in zip(leaves, adapt, strict=True):
+      dt = _direction_dtype(p, mu_dtype, nu_dtype)
+      big = a and np.size(p) * dt.itemsize > _WORKSPACE_MIN_BYTES
+      bufs.append(jnp.zeros(p.shape if big else (0,), dt))
     return WorkspaceState(inner, jax.tree_util.tree_unflatten(treedef, bufs))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -687,9 +704,9 @@ def adam_family(
     )
     n = len(items.members)
     dirs, out_m, out_v, out_w, out_u, ratios = ([None] * n for _ in range(6))
-    # One large direction at a time (see ``after``); with a workspace there
-    # is no temporary to save.
-    one_at_a_time = trust and not workspace and breadth_first()
+    # One large direction at a time (see ``after``), also with a workspace:
+    # the directions it leaves out are temporaries.
+    one_at_a_time = trust and breadth_first()
     previous: list[Any] = []  # The last large leaf's trust ratio.
     gs = [items.stack(v, g_leaves) for v in range(n)]
 
