@@ -273,6 +273,10 @@ OPTS = {
     lambda: lj.paddle.Lamb(1e-3, 0.01),
     lambda: optax.lamb(1e-3, weight_decay=0.01),
   ),
+  'paddle.Lamb_workspace': (
+    lambda: lj.paddle.Lamb(1e-3, 0.01, workspace=True),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
   'paddle.LarsMomentum': (
     lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
     lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),

@@ -928,6 +928,50 @@ def test_workspace_changes_no_number(name, min_bytes, monkeypatch):
   assert buffers == n_adapted if min_bytes < 0 else 0 < buffers < n_adapted
 
 
+_PADDLE_WS_GROUPS = [
+  {'params': lambda n: 'kernel' in n, 'learning_rate': 0.5},
+  {'params': lambda n: 'kernel' not in n},
+]
+
+
+@pytest.mark.parametrize('master', [False, True])
+def test_paddle_lamb_takes_a_workspace(master, monkeypatch):
+  """``lj.paddle.Lamb(workspace=True)``: per parameter group, under the grad
+  clip (and master weights), the same params bit for bit on CPU."""
+  monkeypatch.setattr(fused_lib, '_WORKSPACE_MIN_BYTES', 64)  # Some leaves.
+  dtype = jnp.bfloat16 if master else jnp.float32
+  params = h.to_jax(_big_tree(), dtype)
+  grads = [h.to_jax(g, dtype) for g in h.grads_sequence(_big_tree(), 3)]
+
+  def make(**kw):
+    return lj.paddle.Lamb(
+      1e-2,
+      exclude_from_weight_decay_fn=lambda n: 'bias' in n,
+      grad_clip=lj.paddle.ClipGradByGlobalNorm(1.0),
+      parameters=_PADDLE_WS_GROUPS,
+      multi_precision=master,
+      **kw,
+    )
+
+  got, state = h.run_steps(make(workspace=True), params, grads)
+  want, _ = h.run_steps(make(), params, grads)
+  if jax.default_backend() == 'cpu':
+    chex.assert_trees_all_equal(got, want)
+  else:  # XLA:GPU may contract differently (see above): a rounding apart.
+    assert h.trajectory_rel_err(got, want) < 1e-6
+  ws = [
+    x
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, lj.WorkspaceState)
+    )
+    if isinstance(x, lj.WorkspaceState)
+  ]
+  assert len(ws) == 2  # One per parameter group.
+  assert any(x.size for w in ws for x in jax.tree.leaves(w.direction))
+  with pytest.raises(ValueError, match='workspace'):
+    make(workspace=1)
+
+
 def test_workspace_takes_the_large_directions_only():
   """The reason it exists: XLA:CPU writes a large r into the donated buffer
   instead of a fresh temporary. Directions of at most 16 MiB stay

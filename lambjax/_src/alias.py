@@ -354,7 +354,7 @@ def lamb(
       page-faulted every step (smaller ones are computed one at a time and
       reuse heap memory). BERT-base: a buffer for the word embedding only
       (+89 MiB, about what the step's temporary costs without the option),
-      and a step about 1.3x as fast (benchmarks/RESULTS.md); a tree with no
+      and a step 1.14-1.33x as fast (benchmarks/RESULTS.md); a tree with no
       leaf that large gets no buffer and no gain. The numbers are
       unchanged; the state structure is not. Needs the fast path (static
       hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on

@@ -293,6 +293,7 @@ def Lamb(
   always_adapt=False,
   *,
   group_small_leaves: bool = False,
+  workspace: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Paddle's ``paddle.optimizer.Lamb``.
 
@@ -308,6 +309,9 @@ def Lamb(
   ``group_small_leaves`` (keyword only, a lambjax addition) keeps the
   state of small same-shape leaves as rows of one array, as in
   :func:`lambjax.lamb`: the same numbers, fewer compiled kernels.
+  ``workspace`` (keyword only, a lambjax addition; CPU) keeps a buffer in
+  the state for each update direction over 16 MiB, as in
+  :func:`lambjax.lamb`: the same numbers, a faster step on XLA:CPU.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -352,6 +356,7 @@ def Lamb(
         trust_ratio_mask=adapt,
         lr_ratio_fn=lr_ratio_fn,
         group_small_leaves=group_small_leaves,
+        workspace=workspace,
       ),
     )
 
