@@ -354,8 +354,9 @@ def lamb(
       page-faulted every step (smaller ones are computed one at a time and
       reuse heap memory). BERT-base: a buffer for the word embedding only
       (+89 MiB, about what the step's temporary costs without the option),
-      and a step 1.14-1.33x as fast (benchmarks/RESULTS.md); a tree with no
-      leaf that large gets no buffer and no gain. The numbers are
+      and an optimizer step 1.14-1.33x as fast (benchmarks/RESULTS.md),
+      jitted on its own (inside a whole training step, no measurable gain);
+      a tree with no leaf that large gets no buffer and no gain. The numbers are
       unchanged; the state structure is not. Needs the fast path (static
       hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on
       GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option (then a
