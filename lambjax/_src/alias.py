@@ -356,11 +356,12 @@ def lamb(
       (+89 MiB, about what the step's temporary costs without the option),
       and an optimizer step 1.14-1.33x as fast (benchmarks/RESULTS.md),
       jitted on its own (inside a whole training step, no measurable gain);
-      a tree with no leaf that large gets no buffer and no gain. The numbers are
-      unchanged; the state structure is not. Needs the fast path (static
-      hyperparameters, no ``state_8bit``, ``fused=True``). Leave it off on
-      GPUs: XLA:GPU fuses ``r`` away, and on an H100 the option (then a
-      buffer per leaf) made the step slower (0.75x) and used more memory.
+      a tree with no leaf that large gets no buffer and no gain. The
+      numbers are unchanged; the state structure is not. Needs the fast
+      path (static hyperparameters, no ``state_8bit``, ``fused=True``).
+      Leave it off on GPUs: XLA:GPU fuses ``r`` away, and on an H100 the
+      option (then a buffer per leaf) made the step slower (0.75x) and used
+      more memory.
     group_small_leaves: keep the state of small leaves that share a shape,
       dtype and masks stacked, one array per group, and update each group
       as one leaf with a ratio per row: the same numbers, far fewer kernels

@@ -533,7 +533,7 @@ class WorkspaceState(NamedTuple):
 # block is about the largest direction left out of the workspace, so only
 # directions over 16 MiB go in. BERT-base: the word embedding's (89 MiB;
 # temp 89.9 -> 9.0 MiB, state +89 MiB instead of +418 MiB for a buffer per
-# leaf), and the step ran 1.11x faster than with a buffer per leaf
+# leaf), and the step ran 1.11-1.13x faster than with a buffer per leaf
 # (benchmarks/RESULTS.md, "A workspace for the large directions only");
 # ResNet-50: none (9 MiB at most, temp 9 MiB either way).
 _WORKSPACE_MIN_BYTES = 16 * 2**20
