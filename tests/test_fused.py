@@ -656,6 +656,83 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars(shapes):
     assert temps[False] >= 0.25 * size  # The check can fail.
 
 
+# PyTorch-layout conv kernels (short last dimensions), Flax's layout and a
+# matrix (long last dimensions), and a scalar.
+CONV_TREE_SHAPES = {
+  'conv3': (32, 16, 3, 3),  # Large (over ``fused._SMALL``).
+  'conv1': (64, 32, 1, 1),  # Small: its norms in a window.
+  'hwio': (3, 3, 16, 32),
+  'dense': (48, 64),
+  'scale': (),
+}
+
+
+def _lone_adds_on_short_last_dims(text):
+  """The shapes of adds that fused with nothing (the caller's ``p + u``) on
+  leaves with a short last dimension."""
+  entry = text[text.index('ENTRY') :]
+  shapes = [
+    tuple(int(d) for d in dims.split(','))
+    for dims in re.findall(r'%wrapped_add\S* = f32\[([\d,]+)\]', entry)
+  ]
+  return [x for x in shapes if fused_lib.long_last_shape(x) != x]
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
+)
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: lj.lars(0.1, weight_decay=1e-4),
+    lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
+  ],
+  ids=['lars', 'paddle.Lars'],
+)
+def test_lars_update_fuses_with_the_callers_add(make, monkeypatch):
+  """LARS's update is its new trace, also a state output, so the caller's
+  ``p + u`` fused with nothing: a lone add, which XLA:CPU runs 8-12x slower
+  on a conv kernel's 3x3 or 1x1 last dimensions. The fast path adds an exact
+  ``-0.0`` there so that it fuses; numbers and state stay the same bit for
+  bit."""
+  rng = np.random.default_rng(0)
+  params = {
+    k: jnp.asarray(rng.normal(size=v), jnp.float32)
+    for k, v in CONV_TREE_SHAPES.items()
+  }
+  grads = [jax.tree.map(lambda x: 0.1 * x + 0.01, params)]
+  grads.append(jax.tree.map(jnp.zeros_like, params))  # Zero norms.
+  grads.append(jax.tree.map(lambda x: -0.3 * x, params))
+  lone, runs = {}, {}
+  for on in (True, False):
+    if not on:
+      monkeypatch.setattr(fused_lib, 'slow_lone_ops', lambda shape: False)
+    tx = make()
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    lone[on] = _lone_adds_on_short_last_dims(
+      step.lower(p, s, grads[0]).compile().as_text()
+    )
+    for g in grads:
+      p, s = step(p, s, g)
+    runs[on] = (p, s)
+    assert step._cache_size() == 1  # No retrace.
+  assert lone[True] == []
+  # The check can fail: without the added op both conv kernels' adds are lone.
+  assert len(lone[False]) == 2, lone[False]
+  chex.assert_trees_all_equal(runs[True], runs[False])
+
+
+def test_slow_lone_ops_are_the_short_last_dimensions_on_cpu():
+  on_cpu = jax.default_backend() == 'cpu'
+  assert fused_lib.slow_lone_ops((512, 512, 3, 3)) == on_cpu
+  assert fused_lib.slow_lone_ops((2048, 512, 1, 1)) == on_cpu
+  assert not fused_lib.slow_lone_ops((3, 3, 512, 512))
+  assert not fused_lib.slow_lone_ops((768, 3072))
+  assert not fused_lib.slow_lone_ops((8,))
+
+
 @pytest.mark.skipif(
   jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
 )

@@ -414,6 +414,22 @@ def materialises_shared() -> bool:
   return jax.default_backend() == 'cpu'
 
 
+def slow_lone_ops(shape: Sequence[int]) -> bool:
+  """Whether a lone elementwise op on ``shape`` runs slowly here.
+
+  XLA:CPU compiles an elementwise op that fuses with nothing (a
+  ``wrapped_*`` fusion) into a loop that is 8-12x slower on a short last
+  dimension than the same op fused with one more op: ``p + t`` on a
+  PyTorch-layout conv kernel ``(512, 512, 3, 3)`` takes 4.3 ms, ``p + (t +
+  z)`` 0.5 ms, either on ``(512, 4608)`` 0.3 ms (benchmarks/RESULTS.md,
+  "A lone add on a conv kernel"). Such shapes are those
+  :func:`long_last_shape` changes.
+  """
+  return jax.default_backend() == 'cpu' and long_last_shape(shape) != tuple(
+    shape
+  )
+
+
 @jax.jit
 def after(x: jax.Array, previous: jax.Array) -> jax.Array:
   """``x`` unchanged, as a value XLA computes after ``previous``.
@@ -953,6 +969,9 @@ def lars(
     items = Work.of([name for name, _ in named], grouped, [t_leaves])
     n = len(items.members)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
+    # -0.0 as a run-time value (from the step, so that XLA cannot fold it
+    # away): ``x + neg_zero`` is ``x`` bit for bit.
+    neg_zero = after(jnp.asarray(-0.0, jnp.float32), step)
     gs = [items.stack(v, g_leaves) for v in range(n)]
     ps = [items.stack(v, p_leaves) for v in range(n)]
     axes = [items.axis(v, stacked, gs[v].shape) for v in range(n)]
@@ -997,6 +1016,10 @@ def lars(
       d = _times_rho(ds[v], ratio, rho)
       t = items.state(v, 0, t_leaves, gs[v])
       out_u[v], out_t[v] = momentum_step(d, t, step)
+      if not nesterov and slow_lone_ops(out_u[v].shape):
+        # The update is the new trace, a state output too, so the caller's
+        # ``p + u`` would be a lone add: one more exact op fuses it.
+        out_u[v] = out_u[v] + neg_zero.astype(out_u[v].dtype)
       ratios[v] = ratio
 
     sizes = [np.size(p) for p in ps]
