@@ -1,7 +1,10 @@
 """A/B of the fast path: ``lambjax/_src/fused.py`` at a git revision against
 the working tree's, in one process (the machine is noisy; runs in separate
 processes are not comparable to a few percent). ``--module quantized`` does
-the same for the 8-bit state (``lambjax/_src/quantized.py``).
+the same for the 8-bit state (``lambjax/_src/quantized.py``), ``--module
+accumulation`` / ``faults`` / ``diagnostics`` for
+``lj.accumulate_gradients`` / ``lj.apply_if_finite`` /
+``lj.with_diagnostics``.
 
 Both versions build the same optimizer on the same tree. Step time: the two
 compiled steps run interleaved for ``--rounds`` rounds (order alternating),
@@ -13,6 +16,8 @@ An A/A run (``--rev`` equal to the working tree) of this harness has read
     python benchmarks/ab_fused.py --rev HEAD~1 --tree bert --opt lamb
     python benchmarks/ab_fused.py --rev HEAD~1 --tree many_small --n 500
     python benchmarks/ab_fused.py --rev HEAD~1 --module quantized --opt lamb_8bit
+    python benchmarks/ab_fused.py --rev HEAD~1 --module accumulation \
+      --opt lars_accum4 --tree resnet50 --inner 4
 
 Where the checkout has no git history (the device machine), save the old
 module first and pass it as a file; on an accelerator time 20 steps a round:
@@ -37,14 +42,32 @@ import optax
 from bench_step import TREES, Roof, Runner, make_tree
 
 import lambjax as lj
+from lambjax._src import accumulation as new_accumulation
 from lambjax._src import alias
+from lambjax._src import diagnostics as new_diagnostics
+from lambjax._src import faults as new_faults
 from lambjax._src import fused as new_fused
 from lambjax._src import quantized as new_quantized
 
-# The modules this harness swaps: the name alias.py imports each as.
+# The modules this harness swaps: where the optimizers look each one up
+# (a namespace and a name), the working tree's module, and the function taken
+# from it (``None``: the module itself).
 MODULES = {
-  'fused': ('fused_lib', new_fused),
-  'quantized': ('quantized', new_quantized),
+  'fused': (alias, 'fused_lib', new_fused, None),
+  'quantized': (alias, 'quantized', new_quantized, None),
+  'accumulation': (
+    lj,
+    'accumulate_gradients',
+    new_accumulation,
+    'accumulate_gradients',
+  ),
+  'faults': (lj, 'apply_if_finite', new_faults, 'apply_if_finite'),
+  'diagnostics': (
+    lj,
+    'with_diagnostics',
+    new_diagnostics,
+    'with_diagnostics',
+  ),
 }
 
 OPTS = {
@@ -66,6 +89,25 @@ OPTS = {
   'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1, 0.9, 0.001, 1e-4),
   'lamb_8bit': lambda: lj.lamb(1e-3, weight_decay=0.01, state_8bit=True),
   'adamw_8bit': lambda: lj.adamw(1e-3, weight_decay=0.01, state_8bit=True),
+  # Wrappers (``--module accumulation`` / ``faults``); with ``--inner 4`` a
+  # round is one accumulation cycle.
+  'lars_accum4': lambda: lj.accumulate_gradients(
+    lj.lars(1e-3, weight_decay=0.01), 4
+  ),
+  'lamb_accum4': lambda: lj.accumulate_gradients(
+    lj.lamb(1e-3, weight_decay=0.01), 4
+  ),
+  'adamw_accum4': lambda: lj.accumulate_gradients(
+    lj.adamw(1e-3, weight_decay=0.01), 4
+  ),
+  'lars_finite': lambda: lj.apply_if_finite(
+    lj.lars(1e-3, weight_decay=0.01), 3
+  ),
+  'lamb_finite': lambda: lj.apply_if_finite(
+    lj.lamb(1e-3, weight_decay=0.01), 3
+  ),
+  'lamb_diag': lambda: lj.with_diagnostics(lj.lamb(1e-3, weight_decay=0.01)),
+  'lars_diag': lambda: lj.with_diagnostics(lj.lars(1e-3, weight_decay=0.01)),
 }
 
 
@@ -105,13 +147,13 @@ def _without_new_kwargs(fn):
 
 def build(opt: str, module, name: str = 'fused'):
   """The optimizer built with ``module`` as its ``name`` module."""
-  attr = MODULES[name][0]
-  current = getattr(alias, attr)
-  setattr(alias, attr, module)
+  where, attr, _, fn = MODULES[name]
+  current = getattr(where, attr)
+  setattr(where, attr, module if fn is None else getattr(module, fn))
   try:
     return OPTS[opt]()
   finally:
-    setattr(alias, attr, current)
+    setattr(where, attr, current)
 
 
 def compile_s(tx, shapes) -> tuple[float, int]:
@@ -148,7 +190,7 @@ def main(argv=None):
   shapes = TREES[args.tree]() if args.n is None else TREES[args.tree](args.n)
   old = module_at(args.rev, args.old_file, args.module)
   inner = args.inner or (1 if jax.default_backend() == 'cpu' else 20)
-  impls = {'old': old, 'new': MODULES[args.module][1]}
+  impls = {'old': old, 'new': MODULES[args.module][2]}
   print(
     f'# {args.tree} ({len(shapes)} leaves), {args.opt}, {args.module}.py: '
     f'{args.old_file or args.rev} vs tree; {jax.default_backend()}, '
