@@ -6,6 +6,8 @@ update rules written in the docstrings and in ../shared/spec.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,47 @@ def assert_traced_once(jaxpr, name: str, n_calls: int) -> None:
   calls = [e for e in jaxpr.eqns if e.params.get('name') == name]
   assert len(calls) == n_calls
   assert len({id(e.params['jaxpr']) for e in calls}) == 1
+
+
+# PyTorch-layout conv kernels (short last dimensions), beside leaves whose
+# last dimension is long: XLA:CPU runs an elementwise op that fuses with
+# nothing several times slower on the former.
+CONV_TREE_SHAPES = {
+  'conv3': (32, 16, 3, 3),  # Large (over the fast path's small-leaf size).
+  'conv1': (64, 32, 1, 1),  # Small: its norms in a window.
+  'hwio': (3, 3, 16, 32),
+  'dense': (48, 64),
+  'scale': (),
+}
+
+
+def conv_tree(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {
+    k: jnp.asarray(rng.normal(size=v), jnp.float32)
+    for k, v in CONV_TREE_SHAPES.items()
+  }
+
+
+def _entry(hlo_text: str) -> str:
+  return hlo_text[hlo_text.index('ENTRY') :]
+
+
+def lone_adds_on_short_last_dims(hlo_text: str) -> list[tuple[int, ...]]:
+  """The shapes of float32 adds that fused with nothing (XLA:CPU's
+  ``wrapped_add`` fusions, such as a caller's ``p + u``) in the entry
+  computation of a compiled program, on arrays whose last dimension is
+  under 16."""
+  shapes = [
+    tuple(int(d) for d in dims.split(','))
+    for dims in re.findall(
+      r'%wrapped_add\S* = f32\[([\d,]+)\]', _entry(hlo_text)
+    )
+  ]
+  return [x for x in shapes if len(x) > 1 and x[-1] < 16]
+
+
+def array_copies(hlo_text: str) -> list[str]:
+  """The non-scalar ``copy`` instructions of a compiled program's entry
+  computation and of the computations it calls (a cond's branches)."""
+  return re.findall(r'%copy\S* = (\w+\[[\d,]+\])\S* copy\(', hlo_text)

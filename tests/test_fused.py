@@ -658,26 +658,6 @@ def test_fast_path_writes_no_update_sized_temporary_for_lars(shapes):
 
 # PyTorch-layout conv kernels (short last dimensions), Flax's layout and a
 # matrix (long last dimensions), and a scalar.
-CONV_TREE_SHAPES = {
-  'conv3': (32, 16, 3, 3),  # Large (over ``fused._SMALL``).
-  'conv1': (64, 32, 1, 1),  # Small: its norms in a window.
-  'hwio': (3, 3, 16, 32),
-  'dense': (48, 64),
-  'scale': (),
-}
-
-
-def _lone_adds_on_short_last_dims(text):
-  """The shapes of adds that fused with nothing (the caller's ``p + u``) on
-  leaves with a short last dimension."""
-  entry = text[text.index('ENTRY') :]
-  shapes = [
-    tuple(int(d) for d in dims.split(','))
-    for dims in re.findall(r'%wrapped_add\S* = f32\[([\d,]+)\]', entry)
-  ]
-  return [x for x in shapes if fused_lib.long_last_shape(x) != x]
-
-
 @pytest.mark.skipif(
   jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
 )
@@ -695,11 +675,7 @@ def test_lars_update_fuses_with_the_callers_add(make, monkeypatch):
   on a conv kernel's 3x3 or 1x1 last dimensions. The fast path adds an exact
   ``-0.0`` there so that it fuses; numbers and state stay the same bit for
   bit."""
-  rng = np.random.default_rng(0)
-  params = {
-    k: jnp.asarray(rng.normal(size=v), jnp.float32)
-    for k, v in CONV_TREE_SHAPES.items()
-  }
+  params = h.conv_tree()
   grads = [jax.tree.map(lambda x: 0.1 * x + 0.01, params)]
   grads.append(jax.tree.map(jnp.zeros_like, params))  # Zero norms.
   grads.append(jax.tree.map(lambda x: -0.3 * x, params))
@@ -711,7 +687,7 @@ def test_lars_update_fuses_with_the_callers_add(make, monkeypatch):
     step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
-    lone[on] = _lone_adds_on_short_last_dims(
+    lone[on] = h.lone_adds_on_short_last_dims(
       step.lower(p, s, grads[0]).compile().as_text()
     )
     for g in grads:

@@ -430,6 +430,27 @@ def slow_lone_ops(shape: Sequence[int]) -> bool:
   )
 
 
+def fuse_callers_add(updates: Any, anchor: jax.Array) -> Any:
+  """``updates`` with an exact ``-0.0`` added where a lone op is slow.
+
+  Where ``updates`` leaves a computation already written out (a state output
+  such as LARS's new trace, or the result of a ``lax.cond``), the caller's
+  ``optax.apply_updates`` compiles to a lone add, which XLA:CPU runs several
+  times slower on a short last dimension (:func:`slow_lone_ops`). One more exact
+  op fuses it: ``p + (u + z)`` is one loop. ``z`` is a run-time ``-0.0``
+  made after ``anchor`` (any array; XLA cannot fold it away), so each leaf
+  is unchanged bit for bit. Leaves elsewhere, and all leaves off XLA:CPU,
+  are returned as they are.
+  """
+  if not any(slow_lone_ops(np.shape(x)) for x in jax.tree.leaves(updates)):
+    return updates
+  neg_zero = after(jnp.asarray(-0.0, jnp.float32), anchor)
+  return jax.tree.map(
+    lambda x: x + neg_zero.astype(x.dtype) if slow_lone_ops(np.shape(x)) else x,
+    updates,
+  )
+
+
 @jax.jit
 def after(x: jax.Array, previous: jax.Array) -> jax.Array:
   """``x`` unchanged, as a value XLA computes after ``previous``.
@@ -969,9 +990,6 @@ def lars(
     items = Work.of([name for name, _ in named], grouped, [t_leaves])
     n = len(items.members)
     ds, out_u, out_t, ratios = ([None] * n for _ in range(4))
-    # -0.0 as a run-time value (from the step, so that XLA cannot fold it
-    # away): ``x + neg_zero`` is ``x`` bit for bit.
-    neg_zero = after(jnp.asarray(-0.0, jnp.float32), step)
     gs = [items.stack(v, g_leaves) for v in range(n)]
     ps = [items.stack(v, p_leaves) for v in range(n)]
     axes = [items.axis(v, stacked, gs[v].shape) for v in range(n)]
@@ -1016,14 +1034,14 @@ def lars(
       d = _times_rho(ds[v], ratio, rho)
       t = items.state(v, 0, t_leaves, gs[v])
       out_u[v], out_t[v] = momentum_step(d, t, step)
-      if not nesterov and slow_lone_ops(out_u[v].shape):
-        # The update is the new trace, a state output too, so the caller's
-        # ``p + u`` would be a lone add: one more exact op fuses it.
-        out_u[v] = out_u[v] + neg_zero.astype(out_u[v].dtype)
       ratios[v] = ratio
 
     sizes = [np.size(p) for p in ps]
     in_windows(sizes, first, window_ratios, last, window_keys(gs))
+    if not nesterov:
+      # The update is the new trace, a state output too, so the caller's
+      # ``p + u`` would be a lone add: one more exact op fuses it.
+      out_u = fuse_callers_add(out_u, step)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
     leaf_u, leaf_r, leaf_t = (
       [None] * len(g_leaves),
