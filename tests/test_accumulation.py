@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import optax
 import pytest
 
 import lambjax as lj
+from lambjax._src import fused as fused_lib
 from tests import helpers as h
 
 K = 3
@@ -121,3 +123,76 @@ def test_lr_through_the_wrapper_and_k1_is_identity():
 def test_bad_every_k_steps(k):
   with pytest.raises(ValueError, match=r'`every_k_steps`'):
     lj.accumulate_gradients(lj.adam(0.1), k)
+
+
+ACC_TXS = {
+  'lars': lambda: lj.lars(0.1, weight_decay=1e-3),
+  'lamb': lambda: lj.lamb(1e-2, weight_decay=0.01),
+  'adamw': lambda: lj.adamw(1e-2, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ACC_TXS))
+def test_accumulator_and_params_equal_multisteps_bit_for_bit(name):
+  """The running mean is optax.MultiSteps' expression (``acc + (g - acc) /
+  (n + 1)``), reset on the applying step: the same bits, jitted, on a tree
+  with conv kernels, scalars and a zero gradient."""
+  params = h.conv_tree()
+  rng = np.random.default_rng(3)
+  grads = [
+    jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params
+    )
+    for _ in range(2 * K + 1)
+  ]
+  grads[1] = jax.tree.map(jnp.zeros_like, params)
+  ours = lj.accumulate_gradients(ACC_TXS[name](), K)
+  theirs = optax.MultiSteps(ACC_TXS[name](), K)
+  step_ours = jax.jit(h.train_step(ours))
+  step_theirs = jax.jit(h.train_step(theirs))
+  po, so = params, ours.init(params)
+  pt, st = params, theirs.init(params)
+  for g in grads:
+    po, so = step_ours(po, so, g)
+    pt, st = step_theirs(pt, st, g)
+    chex.assert_trees_all_equal(so.acc_grads, st.acc_grads)
+    chex.assert_trees_all_equal(po, pt)
+  assert step_ours._cache_size() == 1  # No retrace.
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
+)
+@pytest.mark.parametrize('name', sorted(ACC_TXS))
+def test_micro_steps_copy_nothing_and_the_callers_add_fuses(name, monkeypatch):
+  """The updates leave a ``lax.cond``, so the caller's ``p + u`` fused with
+  nothing: a lone add, several times slower on XLA:CPU on conv kernels. An exact
+  ``-0.0`` added after the cond fuses it. The new accumulator is made
+  outside the cond, after it, so it overwrites the old one in place (through
+  a cond it was copied: one more read and write of it every micro-step)."""
+  params = h.conv_tree()
+  grads = [jax.tree.map(lambda x, i=i: 0.1 * i * x, params) for i in range(4)]
+  lone, runs = {}, {}
+  for on in (True, False):
+    if not on:
+      monkeypatch.setattr(fused_lib, 'slow_lone_ops', lambda shape: False)
+    tx = lj.accumulate_gradients(ACC_TXS[name](), K)
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    text = step.lower(p, s, grads[0]).compile().as_text()
+    lone[on] = h.lone_adds_on_short_last_dims(text)
+    copies = h.array_copies(text)
+    if name != 'lars':
+      assert copies == [], copies
+    elif on:
+      # LARS's update is its new trace: the applying branch returns both,
+      # so leaves with a long last dimension (not given the -0.0) are copied
+      # there, once per cycle.
+      assert sorted(copies) == ['f32[3,3,16,32]', 'f32[48,64]'], copies
+    for g in grads:
+      p, s = step(p, s, g)
+    runs[on] = (p, s)
+  assert lone[True] == []
+  assert len(lone[False]) == 2, lone[False]  # The check can fail.
+  chex.assert_trees_all_equal(runs[True], runs[False])

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lambjax._src import base
+from lambjax._src import base, fused
 
 
 class AccumulationState(NamedTuple):
@@ -41,9 +41,10 @@ def accumulate_gradients(
   difference is the work done: ``optax.MultiSteps`` (0.2.8) runs ``tx.update``
   on *every* micro-step and then selects the old state back with
   ``jnp.where`` over the whole optimizer state; here a ``lax.cond`` runs
-  ``tx.update`` only on the applying step, so micro-steps cost one pass over
-  the accumulator. (Under ``jax.vmap`` a ``lax.cond`` becomes a select and
-  both branches run, as for any cond.)
+  ``tx.update`` only on the applying step, so a micro-step costs one pass
+  over the accumulator (updated in place) and the zero updates. (Under
+  ``jax.vmap`` a ``lax.cond`` becomes a select and both branches run, as for
+  any cond.)
 
   Args:
     tx: any optimizer.
@@ -97,33 +98,47 @@ def accumulate_gradients(
 
   def update_fn(updates, state, params=None, **extra_args):
     n = state.mini_step
-    # optax.MultiSteps' running mean: (g + n * acc) / (n + 1).
-    acc = jax.tree.map(
-      lambda g, a: ((g + n * a) / (n + 1)).astype(a.dtype),
-      updates,
-      state.acc_grads,
-    )
 
-    def apply(acc, inner):
-      grads = jax.tree.map(lambda a, g: a.astype(g.dtype), acc, updates)
-      new_updates, inner = tx.update(grads, inner, params, **extra_args)
-      zeros = jax.tree.map(jnp.zeros_like, acc)
-      return new_updates, inner, zeros, jnp.ones((), jnp.int32)
+    def mean(g, a):
+      # optax.MultiSteps' running mean (0.2.8), spelled as it is there.
+      return (a + (g - a) / (n + 1)).astype(a.dtype)
 
-    def accumulate(acc, inner):
+    def inner_update(inner):
+      grads = jax.tree.map(
+        lambda g, a: mean(g, a).astype(g.dtype), updates, state.acc_grads
+      )
+      return tx.update(grads, inner, params, **extra_args)
+
+    if k == 1:
+      new_updates, inner = inner_update(state.inner_state)
+      acc = jax.tree.map(jnp.zeros_like, state.acc_grads)
+      return new_updates, state._replace(
+        gradient_step=state.gradient_step + 1, inner_state=inner, acc_grads=acc
+      )
+
+    def apply(inner):
+      return (*inner_update(inner), jnp.ones((), jnp.int32))
+
+    def accumulate(inner):
       shapes = jax.eval_shape(
         lambda: tx.update(updates, inner, params, **extra_args)[0]
       )
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return zeros, inner, acc, jnp.zeros((), jnp.int32)
+      return zeros, inner, jnp.zeros((), jnp.int32)
 
-    if k == 1:
-      new_updates, inner, acc, stepped = apply(acc, state.inner_state)
-    else:
-      new_updates, inner, acc, stepped = jax.lax.cond(
-        n == k - 1, apply, accumulate, acc, state.inner_state
-      )
-    return new_updates, AccumulationState(
+    new_updates, inner, stepped = jax.lax.cond(
+      n == k - 1, apply, accumulate, state.inner_state
+    )
+    # The new accumulator in one pass, reset on the applying step. It is made
+    # outside the cond (whose applying branch computes the mean from the same
+    # inputs), as an array returned through a cond branch is copied, and after
+    # it (it reads ``stepped``), so that it may overwrite the old one in place.
+    acc = jax.tree.map(
+      lambda g, a: jnp.where(stepped == 1, jnp.zeros_like(a), mean(g, a)),
+      updates,
+      state.acc_grads,
+    )
+    return fused.fuse_callers_add(new_updates, stepped), AccumulationState(
       mini_step=(n + 1) % k,
       gradient_step=state.gradient_step + stepped,
       inner_state=inner,
