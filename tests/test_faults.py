@@ -86,3 +86,95 @@ def test_none_leaves_are_ignored(name):
   u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert u['encoder']['b'] is None
   chex.assert_tree_all_finite(u)
+
+
+def _optax_all_finite(leaves):
+  """optax.apply_if_finite's own test (0.2.8), the reference."""
+  return bool(np.all([np.all(np.isfinite(np.asarray(x))) for x in leaves]))
+
+
+BIG = np.float32(3e38)
+ALL_FINITE_CASES = {
+  'finite': [np.ones((4, 3), np.float32), np.float32(2.0)],
+  'nan': [np.ones((4, 3), np.float32), np.float32(np.nan)],
+  'inf': [np.array([1.0, np.inf], np.float32)],
+  '-inf': [np.array([[1.0], [-np.inf]], np.float32)],
+  # inf and -inf in one leaf: its sum is NaN.
+  'inf-inf': [np.array([np.inf, -np.inf], np.float32)],
+  # Finite, but the sum overflows: the exact test decides (True).
+  'overflowing sum': [np.array([BIG, BIG], np.float32), np.zeros(2)],
+  'overflow and nan': [np.array([BIG, BIG], np.float32), np.float32(np.nan)],
+  'float16 sum over its max': [np.full(4, 60000.0, np.float16)],
+  'bfloat16 inf': [jnp.array([1.0, np.inf], jnp.bfloat16)],
+  'int and bool': [np.arange(3, dtype=np.int32), np.array([True, False])],
+  'empty': [],
+  'zero-size leaf': [np.zeros((0, 3), np.float32)],
+}
+
+
+@pytest.mark.parametrize('case', sorted(ALL_FINITE_CASES))
+def test_all_finite_gives_optax_answer(case):
+  from lambjax._src.faults import all_finite
+
+  leaves = [jnp.asarray(x) for x in ALL_FINITE_CASES[case]]
+  want = _optax_all_finite(ALL_FINITE_CASES[case])
+  assert bool(all_finite(leaves)) is want
+  assert bool(jax.jit(all_finite)(leaves)) is want
+
+
+def test_equals_optax_apply_if_finite_bit_for_bit():
+  """The same skips and the same numbers as optax's wrapper, jitted, over
+  finite steps, a NaN step, an Inf step and finite gradients whose sum
+  overflows (the fast test's only false alarm, which optax takes)."""
+  params = h.conv_tree()
+  rng = np.random.default_rng(2)
+  grads = [
+    jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params
+    )
+    for _ in range(6)
+  ]
+  grads[1]['conv3'] = grads[1]['conv3'].at[0, 0, 0, 0].set(jnp.nan)
+  grads[2]['scale'] = jnp.asarray(-jnp.inf, jnp.float32)
+  grads[3]['dense'] = jnp.full((48, 64), 3e38, jnp.float32)
+  ours = lj.apply_if_finite(lj.lars(0.1, weight_decay=1e-3), 1)
+  theirs = optax.apply_if_finite(lj.lars(0.1, weight_decay=1e-3), 1)
+  step_ours = jax.jit(h.train_step(ours))
+  step_theirs = jax.jit(h.train_step(theirs))
+  po, so = params, ours.init(params)
+  pt, st = params, theirs.init(params)
+  for g in grads:
+    po, so = step_ours(po, so, g)
+    pt, st = step_theirs(pt, st, g)
+    chex.assert_trees_all_equal((po, so), (pt, st))
+  assert int(so.total_notfinite) == 2
+  assert step_ours._cache_size() == 1  # No retrace.
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
+)
+def test_the_callers_add_fuses(monkeypatch):
+  """The updates leave a ``lax.cond``: the caller's ``p + u`` would be a
+  lone add (several times slower on XLA:CPU on conv kernels) but for an exact
+  ``-0.0`` added after the cond."""
+  from lambjax._src import fused as fused_lib
+
+  params = h.conv_tree()
+  lone, runs = {}, {}
+  for on in (True, False):
+    if not on:
+      monkeypatch.setattr(fused_lib, 'slow_lone_ops', lambda shape: False)
+    tx = lj.apply_if_finite(lj.lamb(1e-2, weight_decay=0.01), 2)
+    step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    lone[on] = h.lone_adds_on_short_last_dims(
+      step.lower(p, s, params).compile().as_text()
+    )
+    for scale in (0.1, np.nan, -0.2):
+      p, s = step(p, s, jax.tree.map(lambda x, c=scale: c * x, params))
+    runs[on] = (p, s)
+  assert lone[True] == []
+  assert len(lone[False]) == 2, lone[False]  # The check can fail.
+  chex.assert_trees_all_equal(runs[True], runs[False])
