@@ -256,3 +256,26 @@ def array_copies(hlo_text: str) -> list[str]:
   """The non-scalar ``copy`` instructions of a compiled program's entry
   computation and of the computations it calls (a cond's branches)."""
   return re.findall(r'%copy\S* = (\w+\[[\d,]+\])\S* copy\(', hlo_text)
+
+
+def normal_like(params: dict, n: int, seed: int) -> list[dict]:
+  """``n`` float32 trees of standard normals shaped like ``params``."""
+  rng = np.random.default_rng(seed)
+  return [
+    jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=np.shape(x)), jnp.float32), params
+    )
+    for _ in range(n)
+  ]
+
+
+def lockstep(tx_a, tx_b, params, grads_list):
+  """Jitted train steps of two optimizers side by side: yields ``((params,
+  state), (params, state))`` after each step; once all have run, checks
+  that ``tx_a``'s step was traced once."""
+  step_a, step_b = jax.jit(train_step(tx_a)), jax.jit(train_step(tx_b))
+  a, b = (params, tx_a.init(params)), (params, tx_b.init(params))
+  for g in grads_list:
+    a, b = step_a(*a, g), step_b(*b, g)
+    yield a, b
+  assert step_a._cache_size() == 1  # No retrace.

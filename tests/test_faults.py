@@ -127,28 +127,15 @@ def test_equals_optax_apply_if_finite_bit_for_bit():
   finite steps, a NaN step, an Inf step and finite gradients whose sum
   overflows (the fast test's only false alarm, which optax takes)."""
   params = h.conv_tree()
-  rng = np.random.default_rng(2)
-  grads = [
-    jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params
-    )
-    for _ in range(6)
-  ]
+  grads = h.normal_like(params, 6, seed=2)
   grads[1]['conv3'] = grads[1]['conv3'].at[0, 0, 0, 0].set(jnp.nan)
   grads[2]['scale'] = jnp.asarray(-jnp.inf, jnp.float32)
   grads[3]['dense'] = jnp.full((48, 64), 3e38, jnp.float32)
   ours = lj.apply_if_finite(lj.lars(0.1, weight_decay=1e-3), 1)
   theirs = optax.apply_if_finite(lj.lars(0.1, weight_decay=1e-3), 1)
-  step_ours = jax.jit(h.train_step(ours))
-  step_theirs = jax.jit(h.train_step(theirs))
-  po, so = params, ours.init(params)
-  pt, st = params, theirs.init(params)
-  for g in grads:
-    po, so = step_ours(po, so, g)
-    pt, st = step_theirs(pt, st, g)
+  for (po, so), (pt, st) in h.lockstep(ours, theirs, params, grads):
     chex.assert_trees_all_equal((po, so), (pt, st))
   assert int(so.total_notfinite) == 2
-  assert step_ours._cache_size() == 1  # No retrace.
 
 
 @pytest.mark.skipif(
