@@ -48,6 +48,7 @@ from lambjax._src import diagnostics as new_diagnostics
 from lambjax._src import faults as new_faults
 from lambjax._src import fused as new_fused
 from lambjax._src import quantized as new_quantized
+from lambjax._src import wrappers as new_wrappers
 
 # The modules this harness swaps: where the optimizers look each one up
 # (a namespace and a name), the working tree's module, and the function taken
@@ -62,6 +63,12 @@ MODULES = {
     'accumulate_gradients',
   ),
   'faults': (lj, 'apply_if_finite', new_faults, 'apply_if_finite'),
+  'wrappers': (
+    lj,
+    'with_master_weights',
+    new_wrappers,
+    'with_master_weights',
+  ),
   'diagnostics': (
     lj,
     'with_diagnostics',
@@ -108,6 +115,12 @@ OPTS = {
   ),
   'lamb_diag': lambda: lj.with_diagnostics(lj.lamb(1e-3, weight_decay=0.01)),
   'lars_diag': lambda: lj.with_diagnostics(lj.lars(1e-3, weight_decay=0.01)),
+  'lars_master': lambda: lj.with_master_weights(
+    lj.lars(1e-3, weight_decay=0.01)
+  ),
+  'lamb_master': lambda: lj.with_master_weights(
+    lj.lamb(1e-3, weight_decay=0.01)
+  ),
 }
 
 
@@ -156,9 +169,9 @@ def build(opt: str, module, name: str = 'fused'):
     setattr(where, attr, current)
 
 
-def compile_s(tx, shapes) -> tuple[float, int]:
+def compile_s(tx, shapes, dtype=jnp.float32) -> tuple[float, int]:
   """Seconds to lower + compile the donated step, and its temp bytes."""
-  ps = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+  ps = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
   state = jax.eval_shape(tx.init, ps)
 
   def step(p, s, g):
@@ -181,6 +194,12 @@ def main(argv=None):
   ap.add_argument('--old-file', default=None, help='old module file (no git)')
   ap.add_argument('--module', default='fused', choices=sorted(MODULES))
   ap.add_argument(
+    '--dtype',
+    default='float32',
+    choices=['float32', 'bfloat16'],
+    help='params and grads (bfloat16: the roof stays float32)',
+  )
+  ap.add_argument(
     '--inner',
     type=int,
     default=None,
@@ -191,8 +210,10 @@ def main(argv=None):
   old = module_at(args.rev, args.old_file, args.module)
   inner = args.inner or (1 if jax.default_backend() == 'cpu' else 20)
   impls = {'old': old, 'new': MODULES[args.module][2]}
+  dtype = jnp.dtype(args.dtype)
   print(
-    f'# {args.tree} ({len(shapes)} leaves), {args.opt}, {args.module}.py: '
+    f'# {args.tree} ({len(shapes)} leaves, {args.dtype}), {args.opt}, '
+    f'{args.module}.py: '
     f'{args.old_file or args.rev} vs tree; {jax.default_backend()}, '
     f'{inner} step(s) a round'
   )
@@ -203,7 +224,7 @@ def main(argv=None):
     order = list(impls) if r % 2 == 0 else list(impls)[::-1]
     for k in order:
       seconds, temps[k] = compile_s(
-        build(args.opt, impls[k], args.module), shapes
+        build(args.opt, impls[k], args.module), shapes, dtype
       )
       compiles[k].append(seconds)
   ratio = statistics.median(
@@ -222,9 +243,9 @@ def main(argv=None):
     )
   )
 
-  grads = make_tree(shapes, 1)
+  grads = jax.tree.map(lambda x: x.astype(dtype), make_tree(shapes, 1))
   runners = {
-    k: Runner(k, build(args.opt, m, args.module), shapes, grads)
+    k: Runner(k, build(args.opt, m, args.module), shapes, grads, dtype)
     for k, m in impls.items()
   }
   roof = Roof(shapes)
@@ -248,7 +269,7 @@ def main(argv=None):
     f'{statistics.median(ratios):.3f}'
   )
   diff = jax.tree.map(
-    lambda a, b: float(jnp.max(jnp.abs(a - b))),
+    lambda a, b: float(jnp.max(jnp.abs(a.astype(float) - b.astype(float)))),
     runners['old'].params,
     runners['new'].params,
   )

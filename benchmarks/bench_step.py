@@ -1,11 +1,13 @@
 """Optimizer step time, compile time, bandwidth fraction and peak RSS.
 
 lambjax vs optax side by side in one process, on float32 trees shaped like
-BERT-base (HF BertModel), ResNet-50 and many small leaves.
+BERT-base (HF BertModel), ResNet-50 and many small leaves (``--dtype
+bfloat16``: bf16 params and grads, no master weights).
 
     python benchmarks/bench_step.py --quick        # < 3 min on 2 cores
     python benchmarks/bench_step.py                # everything
     python benchmarks/bench_step.py --trees bert --opts lamb,lars --rounds 15
+    python benchmarks/bench_step.py --trees bert --opts lamb,lars --dtype bfloat16
 
 Each step is jitted ``update + optax.apply_updates`` with params and state
 donated, timed with ``block_until_ready``. Rounds are interleaved (every
@@ -317,10 +319,10 @@ def block(tree):
 class Runner:
   """One implementation: its compiled step and its live (donated) buffers."""
 
-  def __init__(self, name, tx, shapes, grads):
+  def __init__(self, name, tx, shapes, grads, dtype=jnp.float32):
     self.name = name
     self.grads = grads
-    params = make_tree(shapes, 0)
+    params = jax.tree.map(lambda x: x.astype(dtype), make_tree(shapes, 0))
     state = tx.init(params)
     step = make_step(tx)
     t0 = time.perf_counter()
@@ -366,25 +368,28 @@ def fmt_ms(xs):
   )
 
 
-def bench_tree(tree, opts, rounds, skip_optax_compile_over=None, inner=1):
+def bench_tree(
+  tree, opts, rounds, skip_optax_compile_over=None, inner=1, dtype='float32'
+):
   shapes = TREES[tree]()
   n = sum(int(np.prod(s)) for s in shapes.values())
+  size = jnp.dtype(dtype).itemsize
   print(
     f'\n## {tree}: {len(shapes)} leaves, {n / 1e6:.1f} M params '
-    f'({4 * n / 2**20:.0f} MiB per copy)',
+    f'({size * n / 2**20:.0f} MiB per copy{"" if size == 4 else ", " + dtype})',
     flush=True,
   )
-  grads = make_tree(shapes, 99)
+  grads = jax.tree.map(lambda x: x.astype(dtype), make_tree(shapes, 99))
   roof = Roof(shapes)
   rows = []
   for opt in opts:
     ours_fn, theirs_fn = OPTS[opt]
-    ours = Runner('lambjax', ours_fn(), shapes, grads)
+    ours = Runner('lambjax', ours_fn(), shapes, grads, dtype)
     theirs = None
     if (
       skip_optax_compile_over is None or len(shapes) <= skip_optax_compile_over
     ):
-      theirs = Runner('optax', theirs_fn(), shapes, grads)
+      theirs = Runner('optax', theirs_fn(), shapes, grads, dtype)
     impls = [ours, roof] + ([theirs] if theirs else [])
     for r in range(rounds):
       order = impls[r % len(impls) :] + impls[: r % len(impls)]
@@ -394,6 +399,7 @@ def bench_tree(tree, opts, rounds, skip_optax_compile_over=None, inner=1):
     row = {
       'tree': tree,
       'opt': opt,
+      'dtype': dtype,
       'leaves': len(shapes),
       'params': n,
       'lambjax_ms': 1e3 * statistics.median(ours.times),
@@ -565,6 +571,13 @@ def main(argv=None):
     'where one step is ~1 ms and dispatch runs ahead as in training)',
   )
   ap.add_argument('--json', default=None, help='write the rows here')
+  ap.add_argument(
+    '--dtype',
+    default='float32',
+    choices=['float32', 'bfloat16'],
+    help='params and grads (state as each optimizer makes it); the roof '
+    'stays a float32 pass',
+  )
   a = ap.parse_args(argv)
   trees = (
     a.trees or ('bert,many_small' if a.quick else 'bert,resnet50,many_small')
@@ -597,8 +610,10 @@ def main(argv=None):
         if a.quick
         else ['lamb', 'lars', 'adamw', 'adam', 'lamb_grouped', 'lars_grouped']
       )
-    rows += bench_tree(tree, tree_opts, rounds, skip, inner)
-  if not a.no_rss and not cpu and 'bert' in trees and 'lamb' in opts:
+    rows += bench_tree(tree, tree_opts, rounds, skip, inner, a.dtype)
+  # Memory is measured on the float32 trees only.
+  rss = not a.no_rss and a.dtype == 'float32'
+  if rss and not cpu and 'bert' in trees and 'lamb' in opts:
     print('\n## peak device memory, BERT-base lamb step (fresh process)')
     runs = [('lamb', 'lambjax'), ('lamb', 'optax')]
     if 'lamb_workspace' in opts:
@@ -621,7 +636,7 @@ def main(argv=None):
           'core_mib': core,
         }
       )
-  if not a.no_rss and cpu and 'bert' in trees and 'lamb' in opts:
+  if rss and cpu and 'bert' in trees and 'lamb' in opts:
     print(
       '\n## RSS, BERT-base lamb (fresh process; process peak over a bare '
       'jax process, step peak over the RSS just before the step)'

@@ -7,7 +7,7 @@ writing ``d = g + wd p`` out. Two forms (``lambjax/_src/fused.py``):
   guard against cancellation): 4 array reads.
 * ``spelled``: ``Σ (g - c p)²`` and ``Σ p²``: 3 reads.
 * ``viewed``: the spelled form on a view of ``g`` and ``p`` whose last
-  dimension is long (trailing dimensions merged, ``fused.long_last``):
+  dimension is long (trailing dimensions merged, ``fused.reduction_view``):
   ``(2048, 512, 1, 1)`` is summed as ``(2048, 512)``.
 
 XLA:CPU's YNN reductions run the spelled form slowly when the last
@@ -54,7 +54,7 @@ def spelled(g, p, c):
 
 @jax.jit
 def viewed(g, p, c):
-  return spelled(*fused.long_last(g, p), c)
+  return spelled(*fused.reduction_view(g, p), c)
 
 
 def main():

@@ -252,6 +252,20 @@ def lone_adds_on_short_last_dims(hlo_text: str) -> list[tuple[int, ...]]:
   return [x for x in shapes if len(x) > 1 and x[-1] < 16]
 
 
+def lone_widening_converts(hlo_text: str) -> list[tuple[int, ...]]:
+  """The shapes of converts to float32 of more than one element that fused
+  with nothing (XLA:CPU's ``wrapped_convert`` fusions: a float32 copy of a
+  narrower array written out) in the entry computation of a compiled
+  program."""
+  shapes = [
+    tuple(int(d) for d in dims.split(','))
+    for dims in re.findall(
+      r'%wrapped_convert\S* = f32\[([\d,]+)\]', _entry(hlo_text)
+    )
+  ]
+  return [x for x in shapes if np.prod(x) > 1]
+
+
 def array_copies(hlo_text: str) -> list[str]:
   """The non-scalar ``copy`` instructions of a compiled program's entry
   computation and of the computations it calls (a cond's branches)."""

@@ -54,6 +54,17 @@ def _any_zero_norm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _sumsq(x: jax.Array) -> jax.Array:
+  """``sum(x * x)`` of a whole leaf; on a :func:`long_last` view where the
+  leaf's last dimension is short (:func:`slow_lone_ops`).
+
+  XLA:CPU's YNN reduction of a PyTorch-layout conv kernel runs 1.1-2.5x
+  faster on the view (float32 ``(512, 512, 3, 3)``: 0.33 -> 0.18 ms). For a
+  bf16 leaf read by an elementwise fusion too, the 4-D reduction cannot take
+  the float32 convert in, which XLA writes out as a lone op (3x slower on
+  such a leaf); on the view the convert fuses into the reduction
+  (benchmarks/RESULTS.md, "Sums of squares on a long last dimension").
+  """
+  (x,) = reduction_view(x)
   return jnp.sum(x * x)
 
 
@@ -486,11 +497,13 @@ def sumsqs(xs: Sequence[jax.Array], axes: Sequence[int | None]) -> list[Any]:
       continue
     if axis is None and 0 < x.size <= _SMALL:
       groups.setdefault((x.shape, x.dtype), []).append(i)
+    elif axis is None:
+      out[i] = _sumsq(x)
     else:
       out[i] = stacking.sumsq(x, axis)
   for idx in groups.values():
     if len(idx) == 1:
-      out[idx[0]] = stacking.sumsq(xs[idx[0]], None)
+      out[idx[0]] = _sumsq(xs[idx[0]])
       continue
     rows = jnp.stack([jnp.ravel(xs[i]) for i in idx])
     total = jnp.sum(rows * rows, axis=1)
@@ -863,15 +876,45 @@ def long_last_shape(shape: Sequence[int]) -> tuple[int, ...]:
   return (int(np.prod(shape[:k])), last) if k else (last,)
 
 
-def long_last(*xs: jax.Array) -> tuple[jax.Array, ...]:
-  """Same-shape ``xs`` reshaped to :func:`long_last_shape`, for a reduction.
+def reduction_shape(shape: Sequence[int], dtype: Any) -> tuple[int, ...]:
+  """The view of a ``shape``, ``dtype`` leaf that a whole-leaf reduction
+  takes on XLA:CPU (elsewhere ``shape`` itself).
+
+  :func:`long_last_shape` where that changes the shape. A float narrower
+  than float32 gets a view other than its own shape in any case (leading
+  dimensions merged: ``(3, 3, 512, 512)`` -> ``(4608, 512)``, ``(768,
+  3072)`` -> ``(2359296,)``, ``(n,)`` -> ``(1, n)``). XLA:CPU computes in
+  float32, and where the leaf is read by an elementwise fusion too, the
+  convert of the leaf itself is shared: its YNN reduction does not take a
+  shared producer in, so XLA writes the float32 copy out, a temporary twice
+  the leaf's size (bf16 BERT-base LARS: 835 MiB). On a view the reduction
+  has a convert of its own and fuses it (benchmarks/RESULTS.md, "Sums of
+  squares on a view").
+  """
+  shape = tuple(int(d) for d in shape)
+  if jax.default_backend() != 'cpu':
+    return shape
+  view = long_last_shape(shape)
+  narrow = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+  if view != shape or not narrow:
+    return view
+  if len(shape) > 2:
+    return (int(np.prod(shape[:-1])), shape[-1])
+  if len(shape) == 2:
+    return (shape[0] * shape[1],)
+  return (1, *shape)
+
+
+def reduction_view(*xs: jax.Array) -> tuple[jax.Array, ...]:
+  """Same-shape, same-dtype ``xs`` reshaped to :func:`reduction_shape`, for
+  a reduction.
 
   A reshape alone would not do: XLA's simplifier folds a full reduction of
   a reshape back onto the original shape. Through an optimization barrier
   the fusion keeps the view (a bitcast, no copy) and the barrier is gone by
   the time the program runs.
   """
-  shape = long_last_shape(xs[0].shape)
+  shape = reduction_shape(xs[0].shape, xs[0].dtype)
   if shape == xs[0].shape:
     return xs
   return jax.lax.optimization_barrier(tuple(x.reshape(shape) for x in xs))
@@ -889,13 +932,13 @@ def norm_operand(g: jax.Array, p: jax.Array, wd: float) -> jax.Array:
   is made this leaf's own scalar: a constant's broadcast would be shared by
   same-shape leaves, and XLA:CPU writes a shared broadcast out in full.
   ``g - (-wd) p`` is ``g + wd p`` exactly (``(-wd) p = -(wd p)``; ``after``
-  adds an exact ``-0.0``). The result has :func:`long_last_shape`, which is
+  adds an exact ``-0.0``). The result has :func:`reduction_shape`, which is
   all a norm needs.
   """
   # In the dtype of ``wd * p``: ``p``'s for a Python number, wider for an
   # array ``wd`` (as ``optax.inject_hyperparams`` passes it), as in the chain.
   neg_wd = after(jnp.asarray(-wd, jnp.result_type(wd, p)), _sumsq(p))
-  g, p = long_last(g, p)
+  g, p = reduction_view(g, p)
   return g - neg_wd * p
 
 
