@@ -54,15 +54,12 @@ def _any_zero_norm(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _sumsq(x: jax.Array) -> jax.Array:
-  """``sum(x * x)`` of a whole leaf; on a :func:`long_last` view where the
-  leaf's last dimension is short (:func:`slow_lone_ops`).
+  """``sum(x * x)`` of a whole leaf, on its :func:`reduction_view`.
 
-  XLA:CPU's YNN reduction of a PyTorch-layout conv kernel runs 1.1-2.5x
-  faster on the view (float32 ``(512, 512, 3, 3)``: 0.33 -> 0.18 ms). For a
-  bf16 leaf read by an elementwise fusion too, the 4-D reduction cannot take
-  the float32 convert in, which XLA writes out as a lone op (3x slower on
-  such a leaf); on the view the convert fuses into the reduction
-  (benchmarks/RESULTS.md, "Sums of squares on a long last dimension").
+  For a bf16 leaf that the update reads too, the view keeps XLA:CPU's
+  float32 convert inside the reduction (benchmarks/RESULTS.md, "Sums of
+  squares on a view"); for a float32 leaf it is as fast as the leaf's own
+  shape, and the same view as LARS's spelled norm takes.
   """
   (x,) = reduction_view(x)
   return jnp.sum(x * x)
