@@ -881,12 +881,12 @@ def reduction_shape(shape: Sequence[int], dtype: Any) -> tuple[int, ...]:
   than float32 gets a view other than its own shape in any case (leading
   dimensions merged: ``(3, 3, 512, 512)`` -> ``(4608, 512)``, ``(768,
   3072)`` -> ``(2359296,)``, ``(n,)`` -> ``(1, n)``). XLA:CPU computes in
-  float32, and where the leaf is read by an elementwise fusion too, the
-  convert of the leaf itself is shared: its YNN reduction does not take a
-  shared producer in, so XLA writes the float32 copy out, a temporary twice
-  the leaf's size (bf16 BERT-base LARS: 835 MiB). On a view the reduction
-  has a convert of its own and fuses it (benchmarks/RESULTS.md, "Sums of
-  squares on a view").
+  float32, and where the leaf is read by an elementwise fusion too, a sum
+  on the leaf's own shape compiles to a lone convert of the leaf feeding
+  the YNN reduction: a float32 copy written out, a temporary twice the
+  leaf's size (bf16 BERT-base LARS: 835 MiB). On a view the reduction's
+  fusion converts for itself (benchmarks/RESULTS.md, "Sums of squares on a
+  view").
   """
   shape = tuple(int(d) for d in shape)
   if jax.default_backend() != 'cpu':
@@ -903,8 +903,8 @@ def reduction_shape(shape: Sequence[int], dtype: Any) -> tuple[int, ...]:
 
 
 def reduction_view(*xs: jax.Array) -> tuple[jax.Array, ...]:
-  """Same-shape, same-dtype ``xs`` reshaped to :func:`reduction_shape`, for
-  a reduction.
+  """Same-shape ``xs`` reshaped to the first one's :func:`reduction_shape`,
+  for a reduction.
 
   A reshape alone would not do: XLA's simplifier folds a full reduction of
   a reshape back onto the original shape. Through an optimization barrier
