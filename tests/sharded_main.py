@@ -2,12 +2,14 @@
 
 Every lambjax optimizer on an 8-device mesh, replicated (data parallel),
 FSDP and ZeRO-1, must give the single-device params (1e-5 relative) after
-6 steps, with the state coming out with the shardings asked for.
+6 steps, with the state coming out with the shardings asked for. The fast
+path's norms gather no sharded leaf.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import jax
@@ -18,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lambjax as lj
+from lambjax._src import fused as fused_lib
 
 OPTS = {
   'lamb': lambda: lj.lamb(1e-2, weight_decay=0.01),
@@ -50,6 +53,66 @@ def train_step(tx):
     return optax.apply_updates(params, updates), state
 
   return step
+
+
+def gathered_leaves(tx, params, shardings) -> int:
+  """The all-gathers in the compiled sharded step of ``tx``."""
+  s_shard = lj.state_sharding(tx, params, shardings)
+  step = jax.jit(
+    train_step(tx),
+    in_shardings=(shardings, s_shard, shardings),
+    out_shardings=(shardings, s_shard),
+  )
+  text = step.lower(params, tx.init(params), params).compile().as_text()
+  return len(re.findall(r' all-gather(-start)?\(', text))
+
+
+def check_norms_gather_nothing(mesh, failures):
+  """A leaf sharded on any dimension of at least 16 (XLA:CPU's views of
+  short last dimensions merge them) has its norms summed per shard and
+  all-reduced: the fast path's views of bf16 and float32 leaves keep the
+  leaf's sharding, so no leaf is gathered whole. The check can fail: with
+  the views merging dimensions, the leaves are gathered."""
+  shapes = {
+    'dense_rows': ((64, 48), 0),
+    'dense_cols': ((48, 64), 1),
+    'hwio_in': ((3, 3, 32, 48), 2),
+    'hwio_out': ((3, 3, 48, 32), 3),
+    'vec': ((96,), 0),
+  }
+  opts = {
+    'lars': lambda: lj.lars(0.1, weight_decay=1e-4),
+    'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
+    'paddle.LarsMomentum': lambda: lj.paddle.LarsMomentum(0.1),
+    'paddle.Lamb': lambda: lj.paddle.Lamb(1e-3),
+  }
+
+  def spec(shape, dim):
+    axes = [None] * len(shape)
+    axes[dim] = 'data'
+    return NamedSharding(mesh, P(*axes))
+
+  shardings = {k: spec(*v) for k, v in shapes.items()}
+  merged = lambda shape, dtype: (  # noqa: E731
+    (int(np.prod(shape)),) if len(shape) > 1 else tuple(shape)
+  )
+  for dtype in (jnp.bfloat16, jnp.float32):
+    params = {k: jnp.ones(v[0], dtype) for k, v in shapes.items()}
+    for name, make in opts.items():
+      n = gathered_leaves(make(), params, shardings)
+      if n:
+        failures.append(f'{name} {jnp.dtype(dtype).name}: {n} all-gathers')
+      print(f'{name:22s} {jnp.dtype(dtype).name:10s} all-gathers {n}')
+  own = fused_lib.reduction_shape
+  fused_lib.reduction_shape = merged
+  try:
+    params = {k: jnp.ones(v[0], jnp.bfloat16) for k, v in shapes.items()}
+    n = gathered_leaves(opts['lars'](), params, shardings)
+  finally:
+    fused_lib.reduction_shape = own
+  if n == 0:
+    failures.append('merged views gather nothing: the check cannot fail')
+  print(f'lars, views merging dimensions: all-gathers {n}')
 
 
 def main():
@@ -144,6 +207,7 @@ def main():
       if mode == 'replicated' and big and shard_shapes != {(32, 16)}:
         failures.append(f'{name}/{mode}: state sharded {shard_shapes}')
       print(f'{name:22s} {mode:10s} max rel err {err:.1e}', flush=True)
+  check_norms_gather_nothing(mesh, failures)
   if failures:
     print('\n'.join(failures))
     sys.exit(1)

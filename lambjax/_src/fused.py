@@ -878,15 +878,18 @@ def reduction_shape(shape: Sequence[int], dtype: Any) -> tuple[int, ...]:
   takes on XLA:CPU (elsewhere ``shape`` itself).
 
   :func:`long_last_shape` where that changes the shape. A float narrower
-  than float32 gets a view other than its own shape in any case (leading
-  dimensions merged: ``(3, 3, 512, 512)`` -> ``(4608, 512)``, ``(768,
-  3072)`` -> ``(2359296,)``, ``(n,)`` -> ``(1, n)``). XLA:CPU computes in
-  float32, and where the leaf is read by an elementwise fusion too, a sum
+  than float32 gets a view other than its own shape in any case: a leading
+  unit dimension, ``(768, 3072)`` -> ``(1, 768, 3072)``. XLA:CPU computes
+  in float32, and where the leaf is read by an elementwise fusion too, a sum
   on the leaf's own shape compiles to a lone convert of the leaf feeding
   the YNN reduction: a float32 copy written out, a temporary twice the
   leaf's size (bf16 BERT-base LARS: 835 MiB). On a view the reduction's
   fusion converts for itself (benchmarks/RESULTS.md, "Sums of squares on a
-  view").
+  view"). A unit dimension keeps every sharding of the leaf expressible
+  on the view; merging dimensions did not (a leaf sharded on its last
+  dimension, flattened, was all-gathered for its norm). The long-last view
+  still merges: a leaf sharded on a merged short dimension (a ``(1024,
+  8)`` leaf on its 8) is gathered for its norm.
   """
   shape = tuple(int(d) for d in shape)
   if jax.default_backend() != 'cpu':
@@ -895,10 +898,6 @@ def reduction_shape(shape: Sequence[int], dtype: Any) -> tuple[int, ...]:
   narrow = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
   if view != shape or not narrow:
     return view
-  if len(shape) > 2:
-    return (int(np.prod(shape[:-1])), shape[-1])
-  if len(shape) == 2:
-    return (shape[0] * shape[1],)
   return (1, *shape)
 
 
