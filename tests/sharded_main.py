@@ -55,8 +55,8 @@ def train_step(tx):
   return step
 
 
-def gathered_leaves(tx, params, shardings) -> int:
-  """The all-gathers in the compiled sharded step of ``tx``."""
+def sharded_step(tx, params, shardings):
+  """The jitted step of ``tx`` sharded as ``shardings``; its all-gathers."""
   s_shard = lj.state_sharding(tx, params, shardings)
   step = jax.jit(
     train_step(tx),
@@ -64,15 +64,20 @@ def gathered_leaves(tx, params, shardings) -> int:
     out_shardings=(shardings, s_shard),
   )
   text = step.lower(params, tx.init(params), params).compile().as_text()
-  return len(re.findall(r' all-gather(-start)?\(', text))
+  return step, s_shard, len(re.findall(r' all-gather(-start)?\(', text))
 
 
-def check_norms_gather_nothing(mesh, failures):
-  """A leaf sharded on any dimension of at least 16 (XLA:CPU's views of
-  short last dimensions merge them) has its norms summed per shard and
-  all-reduced: the fast path's views of bf16 and float32 leaves keep the
-  leaf's sharding, so no leaf is gathered whole. The check can fail: with
-  the views merging dimensions, the leaves are gathered."""
+def check_sharded_leaves(mesh, failures):
+  """Leaves sharded one per dimension (every dimension at least 16: XLA:CPU's
+  views of short last dimensions merge them), bf16 and float32.
+
+  The fast path's norms are summed per shard and all-reduced, as the
+  chain's are: its views keep the leaf's sharding, so no leaf is gathered
+  whole (the check can fail: with views merging dimensions, the leaves are
+  gathered). Three sharded steps equal the single-device steps: to 1e-5
+  in float32, and in bf16 to 1e-2 (a sum in another order can move a
+  trust ratio by a float32 rounding, and a bf16 param by one of its own,
+  2**-8, each step)."""
   shapes = {
     'dense_rows': ((64, 48), 0),
     'dense_cols': ((48, 64), 1),
@@ -93,21 +98,42 @@ def check_norms_gather_nothing(mesh, failures):
     return NamedSharding(mesh, P(*axes))
 
   shardings = {k: spec(*v) for k, v in shapes.items()}
-  merged = lambda shape, dtype: (  # noqa: E731
+  rng = np.random.default_rng(1)
+
+  def draw(dtype):
+    return {
+      k: jnp.asarray(rng.normal(size=v[0]), dtype) for k, v in shapes.items()
+    }
+
+  for dtype, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-5)):
+    dname = jnp.dtype(dtype).name
+    params, grads = draw(dtype), [draw(dtype) for _ in range(3)]
+    for name, make in opts.items():
+      tx = make()
+      step, s_shard, n = sharded_step(tx, params, shardings)
+      if n:
+        failures.append(f'{name} {dname}: {n} all-gathers')
+      ref, s = params, tx.init(params)
+      single = jax.jit(train_step(tx))
+      p = jax.device_put(params, shardings)
+      st = jax.device_put(tx.init(params), s_shard)
+      for g in grads:
+        ref, s = single(ref, s, g)
+        p, st = step(p, st, jax.device_put(g, shardings))
+      err = max(
+        float(np.max(np.abs(np.float64(a) - np.float64(b))))
+        / max(float(np.max(np.abs(np.float64(b)))), 1e-30)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True)
+      )
+      if not err <= tol:
+        failures.append(f'{name} {dname}: relative error {err:.2e}')
+      print(f'{name:22s} {dname:10s} all-gathers {n}, max rel err {err:.1e}')
+  own = fused_lib.reduction_shape
+  fused_lib.reduction_shape = lambda shape, dtype: (  # Merged dimensions.
     (int(np.prod(shape)),) if len(shape) > 1 else tuple(shape)
   )
-  for dtype in (jnp.bfloat16, jnp.float32):
-    params = {k: jnp.ones(v[0], dtype) for k, v in shapes.items()}
-    for name, make in opts.items():
-      n = gathered_leaves(make(), params, shardings)
-      if n:
-        failures.append(f'{name} {jnp.dtype(dtype).name}: {n} all-gathers')
-      print(f'{name:22s} {jnp.dtype(dtype).name:10s} all-gathers {n}')
-  own = fused_lib.reduction_shape
-  fused_lib.reduction_shape = merged
   try:
-    params = {k: jnp.ones(v[0], jnp.bfloat16) for k, v in shapes.items()}
-    n = gathered_leaves(opts['lars'](), params, shardings)
+    n = sharded_step(opts['lars'](), draw(jnp.bfloat16), shardings)[2]
   finally:
     fused_lib.reduction_shape = own
   if n == 0:
@@ -207,7 +233,7 @@ def main():
       if mode == 'replicated' and big and shard_shapes != {(32, 16)}:
         failures.append(f'{name}/{mode}: state sharded {shard_shapes}')
       print(f'{name:22s} {mode:10s} max rel err {err:.1e}', flush=True)
-  check_norms_gather_nothing(mesh, failures)
+  check_sharded_leaves(mesh, failures)
   if failures:
     print('\n'.join(failures))
     sys.exit(1)
