@@ -55,6 +55,15 @@ def train_step(tx):
   return step
 
 
+def max_relative_error(got, want) -> float:
+  """The largest leaf's max |got - want| over its max |want|, in float64."""
+  return max(
+    float(np.max(np.abs(np.float64(a) - np.float64(b))))
+    / max(float(np.max(np.abs(np.float64(b)))), 1e-30)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+  )
+
+
 def sharded_step(tx, params, shardings):
   """The jitted step of ``tx`` sharded as ``shardings``; its all-gathers."""
   s_shard = lj.state_sharding(tx, params, shardings)
@@ -120,11 +129,7 @@ def check_sharded_leaves(mesh, failures):
       for g in grads:
         ref, s = single(ref, s, g)
         p, st = step(p, st, jax.device_put(g, shardings))
-      err = max(
-        float(np.max(np.abs(np.float64(a) - np.float64(b))))
-        / max(float(np.max(np.abs(np.float64(b)))), 1e-30)
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True)
-      )
+      err = max_relative_error(p, ref)
       if not err <= tol:
         failures.append(f'{name} {dname}: relative error {err:.2e}')
       print(f'{name:22s} {dname:10s} all-gathers {n}, max rel err {err:.1e}')
@@ -206,13 +211,7 @@ def main():
       s = jax.device_put(tx.init(params), s_shard)
       for g in grads:
         p, s = sharded_step(p, s, jax.device_put(g, g_shard))
-      err = max(
-        float(
-          np.max(np.abs(np.asarray(a) - np.asarray(b)))
-          / max(float(np.max(np.abs(np.asarray(b)))), 1e-30)
-        )
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref), strict=True)
-      )
+      err = max_relative_error(p, ref)
       if err > 1e-5:
         failures.append(f'{name}/{mode}: relative error {err:.2e}')
       # The state has the shardings asked for, and is really sharded where
