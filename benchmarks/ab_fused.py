@@ -4,7 +4,10 @@ processes are not comparable to a few percent). ``--module quantized`` does
 the same for the 8-bit state (``lambjax/_src/quantized.py``), ``--module
 accumulation`` / ``faults`` / ``diagnostics`` for
 ``lj.accumulate_gradients`` / ``lj.apply_if_finite`` /
-``lj.with_diagnostics``.
+``lj.with_diagnostics``. ``--module transform`` runs the working tree's
+fast path on ``lambjax/_src/transform.py`` at the revision against the
+working tree's (the trust-ratio arithmetic the fast path shares with the
+chain).
 
 Both versions build the same optimizer on the same tree. Step time: the two
 compiled steps run interleaved for ``--rounds`` rounds (order alternating),
@@ -75,6 +78,8 @@ MODULES = {
     new_diagnostics,
     'with_diagnostics',
   ),
+  # The working tree's fast path, on the old or the new transform.py.
+  'transform': (alias, 'fused_lib', new_fused, None),
 }
 
 OPTS = {
@@ -126,18 +131,31 @@ OPTS = {
 
 def module_at(rev: str, old_file: str | None = None, name: str = 'fused'):
   """``lambjax/_src/<name>.py`` at ``rev`` (or read from ``old_file``) as a
-  module."""
+  module; for ``transform``, the working tree's ``fused.py`` with that
+  ``transform.py`` as its ``transform``."""
+  if name == 'transform':
+    mod = _load(new_fused.__file__, 'fused', 'tree')
+    mod.transform = module_at(rev, old_file, 'transform.py')
+    return mod
+  name = name.removesuffix('.py')
   if old_file is not None:
-    src = pathlib.Path(old_file).read_text()
-  else:
-    root = pathlib.Path(__file__).resolve().parents[1]
-    src = subprocess.run(
-      ['git', 'show', f'{rev}:lambjax/_src/{name}.py'],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=root,
-    ).stdout
+    return _load(old_file, name, rev)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  src = subprocess.run(
+    ['git', 'show', f'{rev}:lambjax/_src/{name}.py'],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=root,
+  ).stdout
+  return _load(None, name, rev, src)
+
+
+def _load(path, name: str, rev: str, src: str | None = None):
+  """A module from ``path``'s (or ``src``'s) source, its new keyword
+  arguments dropped where it does not take them."""
+  if src is None:
+    src = pathlib.Path(path).read_text()
   spec = importlib.util.spec_from_loader(f'lambjax._src.{name}_ab', loader=None)
   mod = importlib.util.module_from_spec(spec)
   exec(compile(src, f'{name}.py@{rev}', 'exec'), mod.__dict__)

@@ -173,6 +173,28 @@ def test_grouped_step_compiles_one_kernel_per_small_leaf():
   assert counts[False] >= 2 * 300
 
 
+def test_grouped_leaf_kernels_read_the_ratios_not_the_norms():
+  """Each small leaf's kernel reads the group's guarded trust ratios, one
+  ``(k, 1)`` vector written once, not the two norms with the zero-norm guard
+  copied into all ``k`` kernels (XLA:CPU compiled 2,000 such leaves 0.83x as
+  long, benchmarks/RESULTS.md). Before ``transform.guarded_ratio`` ended on
+  its division, each kernel read three ``(k, 1)`` vectors."""
+  k = 300
+  params = {f'layers.{i}.w': jnp.full((100,), 0.01 * (i + 1)) for i in range(k)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = lj.lamb(1e-3, weight_decay=0.01, group_small_leaves=True)
+  step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
+  text = step.lower(params, tx.init(params), grads).compile().as_text()
+  entry = text[text.index('ENTRY') :]
+  called = re.findall(r'= f32\[100\]\{0\} fusion\(.*calls=%([\w.]+)', entry)
+  assert len(called) == k
+  vectors = set()
+  for name in called:
+    signature = re.search(rf'%{re.escape(name)} \((.*?)\) ->', text).group(1)
+    vectors.add(signature.count(f'f32[{k},1]'))
+  assert vectors == {1}
+
+
 def test_grouped_state_layout_and_unpack():
   params = {
     'a': jnp.ones(3),
