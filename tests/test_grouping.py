@@ -155,6 +155,24 @@ def test_grouped_no_retrace_donated_and_odd_trees(fn):
     chex.assert_trees_all_close(p, ref[-1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize('fn', [lj.lamb, lj.lars])
+def test_grouped_eager_numpy_leaves(fn):
+  """Without jit, numpy leaves (vectors and 0-d) are grouped (stacked) as
+  jax arrays are, and the update equals the chain's."""
+  for tree in (
+    {f'w{i}': np.full((3,), 0.1 * (i + 1), np.float32) for i in range(4)},
+    {f'w{i}': np.float32(0.1 * (i + 1)) for i in range(4)},
+  ):
+    grads = jax.tree.map(lambda x: 1.5 * np.ones_like(x), tree)
+    got, ref = (
+      fn(1e-2, weight_decay=0.01, **kw).update(
+        grads, fn(1e-2, weight_decay=0.01, **kw).init(tree), tree
+      )[0]
+      for kw in ({'group_small_leaves': True}, {'fused': False})
+    )
+    chex.assert_trees_all_close(got, ref, rtol=1e-6, atol=1e-9)
+
+
 def test_grouped_step_compiles_one_kernel_per_small_leaf():
   """What it is for: 300 leaves of one shape, each finished by the same
   kernel at its run-time row (a static row would make each one different)."""

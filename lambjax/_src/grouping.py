@@ -202,7 +202,7 @@ def stack(xs: Sequence[jax.Array]) -> jax.Array:
   1.4x longer (16.2 vs 11.8 s, benchmarks/RESULTS.md)."""
   # lax's own ops: jnp's are jitted wrappers, each a nested trace (a third of
   # the time to trace 2,000 grouped leaves).
-  flat = jax.lax.concatenate([jax.lax.reshape(x, (x.size,)) for x in xs], 0)
+  flat = jax.lax.concatenate([jax.lax.reshape(x, (np.size(x),)) for x in xs], 0)
   return jax.lax.reshape(flat, (len(xs), *jnp.shape(xs[0])))
 
 
