@@ -133,29 +133,30 @@ def module_at(rev: str, old_file: str | None = None, name: str = 'fused'):
   """``lambjax/_src/<name>.py`` at ``rev`` (or read from ``old_file``) as a
   module; for ``transform``, the working tree's ``fused.py`` with that
   ``transform.py`` as its ``transform``."""
-  if name == 'transform':
-    mod = _load(new_fused.__file__, 'fused', 'tree')
-    mod.transform = module_at(rev, old_file, 'transform.py')
-    return mod
-  name = name.removesuffix('.py')
+  if name != 'transform':
+    return _load(_source(rev, old_file, name), name, rev)
+  mod = _load(pathlib.Path(new_fused.__file__).read_text(), 'fused', 'tree')
+  mod.transform = _load(_source(rev, old_file, name), name, rev)
+  return mod
+
+
+def _source(rev: str, old_file: str | None, name: str) -> str:
+  """``lambjax/_src/<name>.py``'s text at ``rev``, or ``old_file``'s."""
   if old_file is not None:
-    return _load(old_file, name, rev)
+    return pathlib.Path(old_file).read_text()
   root = pathlib.Path(__file__).resolve().parents[1]
-  src = subprocess.run(
+  return subprocess.run(
     ['git', 'show', f'{rev}:lambjax/_src/{name}.py'],
     capture_output=True,
     text=True,
     check=True,
     cwd=root,
   ).stdout
-  return _load(None, name, rev, src)
 
 
-def _load(path, name: str, rev: str, src: str | None = None):
-  """A module from ``path``'s (or ``src``'s) source, its new keyword
-  arguments dropped where it does not take them."""
-  if src is None:
-    src = pathlib.Path(path).read_text()
+def _load(src: str, name: str, rev: str):
+  """A module from ``src``, its new keyword arguments dropped where it does
+  not take them."""
   spec = importlib.util.spec_from_loader(f'lambjax._src.{name}_ab', loader=None)
   mod = importlib.util.module_from_spec(spec)
   exec(compile(src, f'{name}.py@{rev}', 'exec'), mod.__dict__)
