@@ -18,6 +18,7 @@ An A/A run (``--rev`` equal to the working tree) of this harness has read
 
     python benchmarks/ab_fused.py --rev HEAD~1 --tree bert --opt lamb
     python benchmarks/ab_fused.py --rev HEAD~1 --tree many_small --n 500
+    python benchmarks/ab_fused.py --rev HEAD --tree bert --opt lars --stacked
     python benchmarks/ab_fused.py --rev HEAD~1 --module quantized --opt lamb_8bit
     python benchmarks/ab_fused.py --rev HEAD~1 --module accumulation \
       --opt lars_accum4 --tree resnet50 --inner 4
@@ -42,7 +43,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from bench_step import TREES, Roof, Runner, make_tree
+from bench_step import STACKED, TREES, Roof, Runner, make_tree
 
 import lambjax as lj
 from lambjax._src import accumulation as new_accumulation
@@ -83,7 +84,8 @@ MODULES = {
 }
 
 OPTS = {
-  'lamb': lambda: lj.lamb(1e-3, weight_decay=0.01),
+  # lamb and lars take ``stacked=`` (``--stacked``).
+  'lamb': lambda **kw: lj.lamb(1e-3, weight_decay=0.01, **kw),
   'lamb_bf16': lambda: lj.lamb(
     1e-3, weight_decay=0.01, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16
   ),
@@ -91,7 +93,7 @@ OPTS = {
     1e-3, weight_decay=0.01, group_small_leaves=True
   ),
   'lamb_workspace': lambda: lj.lamb(1e-3, weight_decay=0.01, workspace=True),
-  'lars': lambda: lj.lars(1e-3, weight_decay=0.01),
+  'lars': lambda **kw: lj.lars(1e-3, weight_decay=0.01, **kw),
   'lars_grouped': lambda: lj.lars(
     1e-3, weight_decay=0.01, group_small_leaves=True
   ),
@@ -177,13 +179,14 @@ def _without_new_kwargs(fn):
   return call
 
 
-def build(opt: str, module, name: str = 'fused'):
-  """The optimizer built with ``module`` as its ``name`` module."""
+def build(opt: str, module, name: str = 'fused', **kw):
+  """The optimizer built with ``module`` as its ``name`` module (``kw``:
+  more keyword arguments for it)."""
   where, attr, _, fn = MODULES[name]
   current = getattr(where, attr)
   setattr(where, attr, module if fn is None else getattr(module, fn))
   try:
-    return OPTS[opt]()
+    return OPTS[opt](**kw)
   finally:
     setattr(where, attr, current)
 
@@ -211,6 +214,11 @@ def main(argv=None):
   ap.add_argument('--rounds', type=int, default=15)
   ap.add_argument('--compiles', type=int, default=3)
   ap.add_argument('--old-file', default=None, help='old module file (no git)')
+  ap.add_argument(
+    '--stacked',
+    action='store_true',
+    help='the tree with its layers stacked (bench_step.STACKED; lamb, lars)',
+  )
   ap.add_argument('--module', default='fused', choices=sorted(MODULES))
   ap.add_argument(
     '--dtype',
@@ -226,12 +234,17 @@ def main(argv=None):
   )
   args = ap.parse_args(argv)
   shapes = TREES[args.tree]() if args.n is None else TREES[args.tree](args.n)
+  kw = {}
+  if args.stacked:
+    stack, pattern = STACKED[args.tree]
+    shapes, kw = stack(shapes), {'stacked': lj.Stacked(pattern)}
   old = module_at(args.rev, args.old_file, args.module)
   inner = args.inner or (1 if jax.default_backend() == 'cpu' else 20)
   impls = {'old': old, 'new': MODULES[args.module][2]}
   dtype = jnp.dtype(args.dtype)
   print(
-    f'# {args.tree} ({len(shapes)} leaves, {args.dtype}), {args.opt}, '
+    f'# {args.tree}{" stacked" if args.stacked else ""} '
+    f'({len(shapes)} leaves, {args.dtype}), {args.opt}, '
     f'{args.module}.py: '
     f'{args.old_file or args.rev} vs tree; {jax.default_backend()}, '
     f'{inner} step(s) a round'
@@ -243,7 +256,7 @@ def main(argv=None):
     order = list(impls) if r % 2 == 0 else list(impls)[::-1]
     for k in order:
       seconds, temps[k] = compile_s(
-        build(args.opt, impls[k], args.module), shapes, dtype
+        build(args.opt, impls[k], args.module, **kw), shapes, dtype
       )
       compiles[k].append(seconds)
   ratio = statistics.median(
@@ -264,7 +277,7 @@ def main(argv=None):
 
   grads = jax.tree.map(lambda x: x.astype(dtype), make_tree(shapes, 1))
   runners = {
-    k: Runner(k, build(args.opt, m, args.module), shapes, grads, dtype)
+    k: Runner(k, build(args.opt, m, args.module, **kw), shapes, grads, dtype)
     for k, m in impls.items()
   }
   roof = Roof(shapes)

@@ -15,7 +15,10 @@ implementation once per round, in rotating order) so machine noise hits all
 of them alike; we report the median and min-max over rounds, and the median
 of the per-round ratios optax/lambjax (> 1: lambjax is faster). The roof is an
 in-place 4-read-3-write elementwise pass over the same number of float32s,
-timed in the same rounds; ``roof`` = roof time / step time.
+timed in the same rounds; ``roof`` = roof time / step time. The
+``*_stacked`` rows step lambjax on the same parameters with the layers
+stacked (``STACKED``: the ``nn.scan`` layout, a trust ratio per layer)
+against optax on the per-leaf tree.
 
 Memory (CPU, BERT-base lamb, each in a fresh process): the process's peak
 RSS over a bare jax process, and the step's own peak: the step is compiled
@@ -31,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -127,6 +131,30 @@ TREES = {
   'resnet50': resnet50_shapes,
   'resnet50_flax': resnet50_flax_shapes,  # Not in the default run.
   'many_small': many_small_shapes,
+}
+
+
+def stack_bert_layers(shapes):
+  """BERT with its 12 encoder layers stacked (``nn.scan`` layout): 21 leaves."""
+  out = {}
+  for k, v in shapes.items():
+    m = re.match(r'encoder\.layer\.(\d+)\.(.*)', k)
+    if m is None:
+      out[k] = v
+    elif m.group(1) == '0':
+      out['encoder.layer.' + m.group(2)] = (12, *v)
+  return out
+
+
+# The same parameters with their layers stacked, as a model scanned over its
+# layers stores them: per tree, the stacked shapes and the ``lj.Stacked``
+# pattern naming the stacked leaves (one trust ratio per layer).
+STACKED = {
+  'bert': (stack_bert_layers, r'encoder\.layer'),
+  'many_small': (
+    lambda s: {'layers.w': (len(s), *next(iter(s.values())))},
+    'layers',
+  ),
 }
 
 
@@ -292,7 +320,42 @@ OPTS = {
     lambda: lj.paddle.AdamWDL(1e-3, layerwise_decay=0.8),
     lambda: optax.adamw(1e-3, weight_decay=0.01),
   ),
+  # The layers stacked (STACKED; lambjax_side): lambjax's factory takes the
+  # stacked leaves' pattern. Against optax's on the per-leaf tree, the only
+  # layout where optax takes a trust ratio per layer.
+  'lamb_stacked': (
+    lambda pattern: lj.lamb(
+      1e-3, weight_decay=0.01, stacked=lj.Stacked(pattern)
+    ),
+    lambda: optax.lamb(1e-3, weight_decay=0.01),
+  ),
+  'lars_stacked': (
+    lambda pattern: lj.lars(
+      0.1,
+      weight_decay=1e-4,
+      trust_coefficient=0.001,
+      stacked=lj.Stacked(pattern),
+    ),
+    lambda: optax.lars(0.1, weight_decay=1e-4, trust_coefficient=0.001),
+  ),
 }
+
+
+def lambjax_side(opt, tree, shapes):
+  """lambjax's optimizer for row ``opt`` on ``tree``, and the shapes it steps.
+
+  ``*_stacked`` rows step the same parameters with their layers stacked
+  (``STACKED[tree]``), each layer keeping its own trust ratio; other rows
+  step ``shapes``. ``None`` for a stacked row on a tree with no stacked
+  layout.
+  """
+  make = OPTS[opt][0]
+  if not opt.endswith('_stacked'):
+    return make(), shapes
+  if tree not in STACKED:
+    return None
+  stack, pattern = STACKED[tree]
+  return make(pattern), stack(shapes)
 
 
 def make_step(tx):
@@ -383,8 +446,18 @@ def bench_tree(
   roof = Roof(shapes)
   rows = []
   for opt in opts:
-    ours_fn, theirs_fn = OPTS[opt]
-    ours = Runner('lambjax', ours_fn(), shapes, grads, dtype)
+    side = lambjax_side(opt, tree, shapes)
+    if side is None:
+      print(f'{opt:20s} (no stacked layout of {tree})', flush=True)
+      continue
+    tx, our_shapes = side
+    our_grads = grads
+    if our_shapes is not shapes:
+      our_grads = jax.tree.map(
+        lambda x: x.astype(dtype), make_tree(our_shapes, 99)
+      )
+    ours = Runner('lambjax', tx, our_shapes, our_grads, dtype)
+    theirs_fn = OPTS[opt][1]
     theirs = None
     if (
       skip_optax_compile_over is None or len(shapes) <= skip_optax_compile_over
@@ -401,6 +474,7 @@ def bench_tree(
       'opt': opt,
       'dtype': dtype,
       'leaves': len(shapes),
+      'lambjax_leaves': len(our_shapes),
       'params': n,
       'lambjax_ms': 1e3 * statistics.median(ours.times),
       'lambjax_compile_s': ours.compile_s,

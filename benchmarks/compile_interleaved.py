@@ -10,6 +10,8 @@ reused), the order of lambjax and optax alternating from rep to rep. It
 prints medians [min-max] of trace+lower and of XLA's compile, their sum, and
 the median of per-rep ratios lambjax/optax (< 1: lambjax compiles faster).
 Params are abstract (``jax.ShapeDtypeStruct``): only the program matters.
+``*_stacked`` rows compile lambjax's step for the layers stacked
+(``bench_step.STACKED``) against optax's for the per-leaf tree.
 This is the optimizer's share of a step's compile; a fresh process pays a
 one-off start on top, whatever it compiles first (``compile_cache.py``
 measures whole fresh processes).
@@ -26,7 +28,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from bench_step import OPTS, TREES, make_step, roof_fn
+from bench_step import OPTS, TREES, lambjax_side, make_step, roof_fn
 
 
 def compile_once(tx, params) -> tuple[float, float]:
@@ -37,6 +39,10 @@ def compile_once(tx, params) -> tuple[float, float]:
   t1 = time.perf_counter()
   lowered.compile()
   return t1 - t0, time.perf_counter() - t1
+
+
+def abstract(shapes):
+  return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
 
 
 def fmt(xs):
@@ -50,7 +56,7 @@ def main(argv=None):
   ap.add_argument('--reps', type=int, default=5)
   args = ap.parse_args(argv)
   shapes = TREES[args.tree]()
-  params = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+  params = abstract(shapes)
   # XLA's first compile in a process: paid here, by neither optimizer.
   jax.jit(roof_fn).lower(params, params, params, params).compile()
   print(
@@ -59,13 +65,22 @@ def main(argv=None):
     'each; seconds, median [min-max]'
   )
   for opt in args.opts.split(','):
-    makers = OPTS[opt]
-    for k in (0, 1):  # Warm-up, dropped.
-      compile_once(makers[k](), params)
+    side = lambjax_side(opt, args.tree, shapes)
+    if side is None:
+      print(f'{opt:16s} (no stacked layout of {args.tree})', flush=True)
+      continue
+    our_params = abstract(side[1])
+    makers = {
+      0: (lambda o=opt: lambjax_side(o, args.tree, shapes)[0], our_params),
+      1: (OPTS[opt][1], params),
+    }
+    for make, p in makers.values():  # Warm-up, dropped.
+      compile_once(make(), p)
     times = {0: [], 1: []}
     for rep in range(args.reps):
       for k in (0, 1) if rep % 2 == 0 else (1, 0):
-        times[k].append(compile_once(makers[k](), params))
+        make, p = makers[k]
+        times[k].append(compile_once(make(), p))
     totals = {k: [a + b for a, b in ts] for k, ts in times.items()}
     ratio = statistics.median(
       [a / b for a, b in zip(totals[0], totals[1], strict=True)]

@@ -21,7 +21,7 @@ import statistics
 import jax
 import numpy as np
 import optax
-from bench_step import TREES, Roof, Runner, make_tree
+from bench_step import STACKED, TREES, Roof, Runner, make_tree
 
 import lambjax as lj
 
@@ -35,18 +35,6 @@ def kernels(compiled) -> int:
   ops = re.findall(r'^\s*(?:ROOT )?%?\S+ = .*?\b([a-z][\w-]*)\(', entry, re.M)
   skip = {'parameter', 'tuple', 'get-tuple-element', 'constant', 'bitcast'}
   return sum(op not in skip for op in ops)
-
-
-def stacked_shapes(shapes):
-  """BERT with its 12 layers stacked (``nn.scan`` layout): 21 leaves."""
-  out = {}
-  for k, v in shapes.items():
-    m = re.match(r'encoder\.layer\.(\d+)\.(.*)', k)
-    if m is None:
-      out[k] = v
-    elif m.group(1) == '0':
-      out['encoder.layer.' + m.group(2)] = (12, *v)
-  return out
 
 
 def main(argv=None):
@@ -65,12 +53,12 @@ def main(argv=None):
   shapes = TREES[a.tree]()
   n = sum(int(np.prod(s)) for s in shapes.values())
   grads = make_tree(shapes, 99)
+  stack, pattern = STACKED[a.tree]
+  stacked = stack(shapes)
   if a.tree == 'bert':
-    stacked, pattern = stacked_shapes(shapes), r'encoder\.layer'
     txs = {'lamb': lambda **k: lj.lamb(1e-3, weight_decay=0.01, **k)}
     theirs = {'lamb': optax.lamb(1e-3, weight_decay=0.01)}
   else:
-    stacked, pattern = {'layers.w': (len(shapes), 1000)}, 'layers'
     txs = {
       'lamb': lambda **k: lj.lamb(1e-3, weight_decay=0.01, **k),
       'lars': lambda **k: lj.lars(0.1, weight_decay=1e-4, **k),
