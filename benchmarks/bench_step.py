@@ -135,7 +135,7 @@ TREES = {
 
 
 def stack_bert_layers(shapes):
-  """BERT with its 12 encoder layers stacked (``nn.scan`` layout): 21 leaves."""
+  """BERT with its 12 encoder layers stacked (``nn.scan`` layout): 23 leaves."""
   out = {}
   for k, v in shapes.items():
     m = re.match(r'encoder\.layer\.(\d+)\.(.*)', k)
