@@ -1257,6 +1257,12 @@ def test_bf16_leaves_norms_write_no_float32_copy(make, monkeypatch):
   chex.assert_trees_all_equal(runs[True], runs[False])
 
 
+def _lars_first_update_f64(g, p, wd, lr, c):
+  """optax-form LARS's first update of one leaf (or layer), in float64."""
+  d = g + wd * p
+  return -lr * c * np.linalg.norm(p) / np.linalg.norm(d) * d
+
+
 @pytest.mark.parametrize('form', sorted(NORM_FORMS))
 @pytest.mark.parametrize('delta', [1e-3, 3e-3, 0.03, 0.1, 0.3, 1.0, 10.0, -3.0])
 def test_lars_norm_near_cancellation_matches_float64(delta, form, monkeypatch):
@@ -1269,8 +1275,7 @@ def test_lars_norm_near_cancellation_matches_float64(delta, form, monkeypatch):
   wd, lr, c = 0.01, 0.5, 0.1
   p = rng.normal(size=shape)
   g = -wd * p * (1 - delta) + 1e-5 * wd * rng.normal(size=p.shape)
-  d = g + wd * p
-  want = -lr * c * np.linalg.norm(p) / np.linalg.norm(d) * d
+  want = _lars_first_update_f64(g, p, wd, lr, c)
   tx = lj.lars(lr, weight_decay=wd, trust_coefficient=c)
   u, _ = jax.jit(tx.update)(
     {'w': jnp.asarray(g, jnp.float32)},
@@ -1302,8 +1307,7 @@ def test_lars_norm_of_the_cancelling_leaf_among_several(form, monkeypatch):
   assert ('optimization_barrier' in jaxpr) == form.startswith('viewed')
   u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
   for k in p:
-    d = g[k] + wd * p[k]
-    want = -lr * c * np.linalg.norm(p[k]) / np.linalg.norm(d) * d
+    want = _lars_first_update_f64(g[k], p[k], wd, lr, c)
     np.testing.assert_allclose(
       u[k], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=k
     )
@@ -1328,8 +1332,7 @@ def test_lars_stacked_norms_near_cancellation_match_float64(
   p32, g32 = h.to_jax({'layers': p}), h.to_jax({'layers': g})
   u, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
   for i in range(3):
-    d = g[i] + wd * p[i]
-    want = -lr * c * np.linalg.norm(p[i]) / np.linalg.norm(d) * d
+    want = _lars_first_update_f64(g[i], p[i], wd, lr, c)
     np.testing.assert_allclose(
       u['layers'][i],
       want,
