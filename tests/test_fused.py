@@ -1030,21 +1030,26 @@ def test_paddle_lamb_takes_a_workspace(master, monkeypatch):
     make(workspace=1)
 
 
-def test_workspace_takes_the_large_directions_only():
+def test_workspace_takes_the_large_directions_only(monkeypatch):
   """The reason it exists: XLA:CPU writes a large r into the donated buffer
   instead of a fresh temporary. Directions of at most 16 MiB stay
   temporaries (one at a time), so the temporary is the largest of those.
-  Compiled only (abstract arrays): nothing of this size is allocated."""
+  Without a workspace the large direction's norm is spelled apart and it
+  is not written at all; spelled nowhere, it is a temporary. Compiled only
+  (abstract arrays): nothing of this size is allocated."""
   mib = 2**20
   shapes = {'w': (2304, 2048), 'v': (1024, 1024), 'b': (1024,)}  # 18, 4 MiB
   p = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
   temps = {}
-  for workspace in (False, True):
+  for workspace, spelled in ((False, True), (False, False), (True, True)):
+    if not spelled:
+      monkeypatch.setattr(fused_lib, '_SPELLED_MIN_BYTES', 2**40)
     tx = lj.lamb(1e-3, weight_decay=0.01, workspace=workspace)
     state = jax.eval_shape(tx.init, p)
     step = jax.jit(h.train_step(tx), donate_argnums=(0, 1))
     m = step.lower(p, state, p).compile().memory_analysis()
-    temps[workspace] = m.temp_size_in_bytes
+    temps[workspace, spelled] = m.temp_size_in_bytes
+    monkeypatch.undo()
     # Every output, the new workspace included, reuses a donated buffer (jit
     # drops unused arguments, so a never-read workspace would not be).
     assert m.alias_size_in_bytes >= 0.99 * m.output_size_in_bytes
@@ -1053,9 +1058,10 @@ def test_workspace_takes_the_large_directions_only():
     'v': (0,),
     'b': (0,),
   }
-  assert temps[True] < 4.5 * mib
+  assert temps[True, True] < 4.5 * mib
+  assert temps[False, True] < 4.5 * mib
   if jax.default_backend() == 'cpu':  # XLA:GPU needs no workspace for r.
-    assert temps[False] >= 18 * mib
+    assert temps[False, False] >= 18 * mib
 
 
 def test_workspace_no_retrace_and_odd_trees(monkeypatch):
@@ -1364,3 +1370,133 @@ def test_lars_spelled_norm_is_the_direct_norm(stacked, monkeypatch):
     assert 'cond[' not in jaxpr
     outs.append(jax.jit(tx.update)(g, tx.init(p), p)[0])
   chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+def _spy_spelled(monkeypatch, min_bytes=None) -> list[bool]:
+  """Per LAMB leaf asked, whether its norm was spelled apart; with
+  ``min_bytes``, the size from which it is spelled (-1: every leaf)."""
+  if min_bytes is not None:
+    monkeypatch.setattr(fused_lib, '_SPELLED_MIN_BYTES', min_bytes)
+  asked, real = [], fused_lib.spells_norm
+
+  def spy(u):
+    asked.append(real(u))
+    return asked[-1]
+
+  monkeypatch.setattr(fused_lib, 'spells_norm', spy)
+  return asked
+
+
+# LAMB configurations whose norms are spelled apart (on XLA:CPU) once the
+# size is lowered, and one whose moments are recast and never are. Decay
+# masks leave some adapted leaves without ``wd p``; a schedule and injected
+# hyperparameters make the decay and eps arrays.
+_SPELLED_CONFIGS = {
+  'lamb': CONFIGS['lamb'],
+  'lamb_masks_clamp_ratio': CONFIGS['lamb_masks_clamp_ratio'],
+  'lamb_wd_schedule': CONFIGS['lamb_wd_schedule'],
+  'lamb_injected': INJECTED['lamb'],
+  'lamb_wd_schedule_injected': INJECTED['lamb_wd_schedule'],
+  'lamb_bf16_moments': CONFIGS['lamb_bf16_moments'],
+}
+
+
+@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
+@pytest.mark.parametrize('name', sorted(_SPELLED_CONFIGS))
+def test_spelled_lamb_norm_equals_chain(name, use_jit, monkeypatch):
+  """LAMB's norm taken from its own spelling of the direction (leaves over
+  16 MiB on XLA:CPU; here every leaf) gives the chain's trajectory and
+  state, zero-norm leaves (a zero bias, a frozen leaf) included."""
+  asked = _spy_spelled(monkeypatch, -1)
+  params = _big_tree()
+  grads = h.grads_sequence(params, 6, seed=3)
+  trajs, states = _trajectories(name, params, grads, use_jit, _SPELLED_CONFIGS)
+  cpu = fused_lib.materialises_shared()
+  if 'bf16' in name:  # Recast moments: the stored ones are not m and v.
+    assert not asked
+  else:
+    assert asked and all(asked) == cpu
+  tol = 1e-6 if use_jit else 1e-5
+  assert h.trajectory_rel_err(trajs[0], trajs[1]) < tol
+  chex.assert_trees_all_equal_shapes_and_dtypes(states[0], states[1])
+  rtol = 2**-7 if 'bf16' in name and not use_jit else 1e-5
+  chex.assert_trees_all_close(states[0], states[1], rtol=rtol, atol=1e-7)
+
+
+def test_spelled_lamb_norm_with_bf16_params_and_float32_moments(monkeypatch):
+  """bf16 params, float32 moments: a float32 direction, spelled; its decay
+  ``wd p`` rounds in bf16 as the chain's does."""
+  asked = _spy_spelled(monkeypatch, -1)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _big_tree(1))
+  g = jax.tree.map(
+    lambda x: jnp.asarray(x, jnp.bfloat16),
+    h.grads_sequence(params, 1, seed=5)[0],
+  )
+  kw = dict(
+    learning_rate=1e-2,
+    weight_decay=0.01,
+    mu_dtype=jnp.float32,
+    nu_dtype=jnp.float32,
+  )
+  configs = {'lamb': _built(lj.lamb, kw)}
+  _one_step_close('lamb', params, g, configs)
+  assert asked and all(asked) == fused_lib.materialises_shared()
+
+
+def _lamb_first_update_f64(g, p, wd, lr, eps):
+  """LAMB's first update in float64: ``-lr ‖p‖/‖r‖ r`` (ratio 1 where a
+  norm is zero), ``r = m_hat / (sqrt(v_hat) + eps) + wd p``."""
+  adam = h.NumpyAdam(eps=eps)
+  r = adam.direction(g, adam.init(p), 1) + wd * p
+  return -lr * h.ref_trust(np.linalg.norm(p), np.linalg.norm(r)) * r
+
+
+@pytest.mark.skipif(
+  jax.default_backend() != 'cpu', reason="XLA:CPU's fusion decisions"
+)
+@pytest.mark.parametrize(
+  'shape', [(4352, 1024), (1088, 1024, 2, 2)], ids=['matrix', 'conv_kernel']
+)
+@pytest.mark.parametrize('decayed', [True, False], ids=['decayed', 'no_decay'])
+def test_lamb_large_leaf_writes_no_direction(shape, decayed, monkeypatch):
+  """A 17 MiB leaf (over ``_SPELLED_MIN_BYTES``): the chain writes its
+  direction out, the fast path writes no update-sized temporary, and its
+  first update equals float64 numpy; zero params (ratio 1) too."""
+  asked = _spy_spelled(monkeypatch)
+  size = 4 * int(np.prod(shape))
+  assert size > fused_lib._SPELLED_MIN_BYTES
+  wd, lr, eps = 0.01, 1e-2, 1e-6
+  mask = None if decayed else lj.mask_by_name('bias')
+  spec = {
+    'w': jax.ShapeDtypeStruct(shape, jnp.float32),
+    'bias': jax.ShapeDtypeStruct((64,), jnp.float32),
+  }
+  temps = {}
+  for fused in (True, False):
+    tx = lj.lamb(lr, weight_decay=wd, eps=eps, mask=mask, fused=fused)
+
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    state = jax.eval_shape(tx.init, spec)
+    c = jax.jit(step, donate_argnums=(0, 1)).lower(spec, state, spec)
+    temps[fused] = c.compile().memory_analysis().temp_size_in_bytes
+  assert temps[True] < 0.25 * size, temps
+  assert temps[False] >= 0.25 * size, temps  # The check can fail.
+  assert asked == [False, True]  # Not the bias; the 17 MiB leaf.
+
+  rng = np.random.default_rng(6)
+  tx = lj.lamb(lr, weight_decay=wd, eps=eps, mask=mask)
+  update = jax.jit(tx.update)
+  for zero in (False, True):
+    p = {'w': rng.normal(size=shape), 'bias': rng.normal(size=64)}
+    g = {k: rng.normal(size=np.shape(x)) for k, x in p.items()}
+    if zero:
+      p['w'] = np.zeros(shape)
+    p32, g32 = h.to_jax(p), h.to_jax(g)
+    u, _ = update(g32, tx.init(p32), p32)
+    want = _lamb_first_update_f64(g['w'], p['w'], wd if decayed else 0, lr, eps)
+    np.testing.assert_allclose(
+      u['w'], want, rtol=1e-5, atol=1e-6 * np.abs(want).max()
+    )

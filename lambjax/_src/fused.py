@@ -590,6 +590,25 @@ class WorkspaceState(NamedTuple):
 _WORKSPACE_MIN_BYTES = 16 * 2**20
 
 
+# LAMB takes the norm of a direction of more than this many bytes from a
+# spelling of its own (``spelled_direction`` in ``adam_family``) on XLA:CPU.
+# Below glibc's mmap threshold (which adapts up to 32 MiB) XLA:CPU's block
+# of temporaries is heap memory used again from step to step, and a
+# direction of a few MiB is read back from cache: there writing it out is
+# cheaper than computing it twice (twelve (3072, 768) leaves: 0.54 of the
+# roof written out, 0.49 spelled; benchmarks/RESULTS.md, "LAMB's norm
+# spelled apart").
+_SPELLED_MIN_BYTES = 16 * 2**20
+
+
+def spells_norm(u: jax.Array) -> bool:
+  """Whether LAMB's norm of direction ``u`` (one whole leaf) is spelled."""
+  size = jnp.dtype(u.dtype).itemsize
+  return (
+    materialises_shared() and size >= 4 and u.size * size > (_SPELLED_MIN_BYTES)
+  )
+
+
 def _direction_dtype(p, mu_dtype, nu_dtype):
   """The dtype of LAMB's direction ``m_hat / (sqrt(v_hat) + eps) + wd p``."""
   return jnp.result_type(
@@ -653,15 +672,12 @@ def adam_family(
   # and inlined by XLA, so the compiled step is the same (BERT-base: trace,
   # lower and compile in 0.78-0.90 of the time, benchmarks/RESULTS.md);
   # eager calls reuse their compilations from step to step.
-  @jit
-  def direction(g, mu, nu, p, bcs, e, wd):
-    """Moments, and the direction (decayed where ``p`` is given).
+  def from_moments(m, v, g, p, bcs, e, wd):
+    """The direction from the new moments (decayed where ``p`` is given).
 
     ``bcs``: the bias corrections ``(1 - b1^t, 1 - b2^t[, 1 - b1^(t+1)])``;
     ``e``, ``wd``: eps and the weight decay where they are this step's arrays
     (``None``: the optimizer's own)."""
-    m = (1 - b1) * g + b1 * mu
-    v = (1 - b2) * (g * g) + b2 * nu
     if nesterov:  # optax.scale_by_adam(nesterov=True): NAdam's m_hat.
       m_hat = b1 * (m / bcs[2].astype(m.dtype)) + (1 - b1) * (
         g / bcs[0].astype(g.dtype)
@@ -672,7 +688,44 @@ def adam_family(
     u = m_hat / (jnp.sqrt(v_hat + eps_root) + (eps if e is None else e))
     if p is not None:
       u = u + (weight_decay if wd is None else wd) * p
-    return m, v, u
+    return u
+
+  @jit
+  def direction(g, mu, nu, p, bcs, e, wd):
+    """Moments, and the direction (see ``from_moments``)."""
+    m = (1 - b1) * g + b1 * mu
+    v = (1 - b2) * (g * g) + b2 * nu
+    return m, v, from_moments(m, v, g, p, bcs, e, wd)
+
+  @jit
+  def spelled_direction(m, v, p, pd, bcs, e, wd):
+    """LAMB's direction spelled for its norm alone; the same value.
+
+    The update reads the direction ``r`` too. Read by two fusions, XLA:CPU
+    writes ``r`` out; for a large leaf that is a temporary above glibc's
+    mmap threshold, fresh pages every step (BERT-base's word embedding: 89
+    MiB). Spelled apart, the norm's reduction computes ``r`` from ``m``,
+    ``v`` and ``p`` itself and nothing is written: the direction's
+    arithmetic twice for one array write and two reads (that leaf's step
+    1.45x faster, benchmarks/RESULTS.md, "LAMB's norm spelled apart"). The
+    bias corrections, ``eps`` and the decay are made scalars of their own
+    after ``‖p‖²`` (the same values), so no subexpression is shared with
+    the update's ``r``, as in :func:`norm_operand`: a shared ``sqrt(v_hat)``
+    or a broadcast bias correction would be written out in full. ``pd``:
+    ``p`` where ``r`` holds ``wd p``, else ``None``. The result has
+    :func:`reduction_shape`.
+    """
+    anchor = _sumsq(p)
+    bcs = tuple(after(b, anchor) for b in bcs)
+    vdt = v.dtype if _static(eps) else None  # As the update's eps.
+    e = after(jnp.asarray(eps if e is None else e, vdt), anchor)
+    if pd is None:
+      m, v = reduction_view(m, v)
+    else:
+      d = weight_decay if wd is None else wd
+      wd = after(jnp.asarray(d, jnp.result_type(d, p)), anchor)
+      m, v, pd = reduction_view(m, v, pd)
+    return from_moments(m, v, None, pd, bcs, e, wd)
 
   @jit
   def trust_ratio(pp, uu, one):
@@ -782,6 +835,7 @@ def adam_family(
         vdt = jnp.result_type(g, nu) if _static(eps) else None
         e = after(jnp.asarray(eps, vdt), previous[-1])
       m, v_, u = direction(g, mu, nu, p if decayed else None, bcs, e, wd)
+      buffered = False  # Whether ``u`` goes into a workspace buffer.
       if workspace:
         # r leaves in the state, so XLA writes it into the donated buffer
         # instead of a fresh temporary (zero-size buffers: not adapted). The
@@ -792,12 +846,22 @@ def adam_family(
         out_w[v] = (
           jax.lax.dynamic_update_slice(w, u, (0,) * u.ndim) if same else w
         )
+        buffered = same
       dirs[v] = u
       out_m[v] = m if mu_dtype is None else m.astype(mu_dtype)
       out_v[v] = v_.astype(nu.dtype)
       if not adapted:
         return None
-      return p, u, items.axis(v, stacked, g.shape)
+      axis = items.axis(v, stacked, g.shape)
+      # Moments stored as computed (not recast: the spelled direction reads
+      # the stored ones).
+      kept = out_m[v].dtype == m.dtype and out_v[v].dtype == v_.dtype
+      whole = axis is None and not nesterov  # (No Nesterov LAMB here.)
+      if whole and kept and spells_norm(u) and not buffered:
+        # Not ``u`` itself (see ``spelled_direction``).
+        pd = p if decayed else None
+        return p, spelled_direction(m, v_, p, pd, bcs, e, wd), axis
+      return p, u, axis
 
     def window_ratios(entries):
       axes = [axis for *_, axis in entries]
