@@ -352,12 +352,15 @@ def lamb(
       donated state: ``r`` has two consumers (its norm and the update), so
       XLA materialises it, and a temporary that large is fresh memory there,
       page-faulted every step (smaller ones are computed one at a time and
-      reuse heap memory). BERT-base: a buffer for the word embedding only
-      (+89 MiB, about what the step's temporary costs without the option),
-      and an optimizer step 1.14-1.33x as fast (benchmarks/RESULTS.md),
-      jitted on its own (inside a whole training step, no measurable gain);
-      a tree with no leaf that large gets no buffer and no gain. The
-      numbers are unchanged; the state structure is not. Needs the fast
+      reuse heap memory). Since the fast path computes the norm of a
+      direction over 32 MiB from ``m``, ``v`` and ``p`` instead, writing
+      no ``r`` at all, this gains about nothing on BERT-base (its word
+      embedding's 89 MiB: 0.55 of the bandwidth roof with the buffer, 0.57
+      without, benchmarks/RESULTS.md); it still serves directions of 16-32
+      MiB and stacked layers. A tree with no leaf that large gets no
+      buffer. The numbers are the same up to rounding (a buffered leaf's
+      ratio is summed from the written ``r``, in another order than a
+      spelled one); the state structure is not. Needs the fast
       path (static hyperparameters, no ``state_8bit``, ``fused=True``).
       Leave it off on GPUs: XLA:GPU fuses ``r`` away, and on an H100 the
       option (then a buffer per leaf) made the step slower (0.75x) and used

@@ -592,13 +592,13 @@ _WORKSPACE_MIN_BYTES = 16 * 2**20
 
 # LAMB takes the norm of a direction of more than this many bytes from a
 # spelling of its own (``spelled_direction`` in ``adam_family``) on XLA:CPU.
-# Below glibc's mmap threshold (which adapts up to 32 MiB) XLA:CPU's block
-# of temporaries is heap memory used again from step to step, and a
-# direction of a few MiB is read back from cache: there writing it out is
-# cheaper than computing it twice (twelve (3072, 768) leaves: 0.54 of the
-# roof written out, 0.49 spelled; benchmarks/RESULTS.md, "LAMB's norm
-# spelled apart").
-_SPELLED_MIN_BYTES = 16 * 2**20
+# Up to glibc's largest mmap threshold (it adapts up to 32 MiB) XLA:CPU's
+# block of temporaries is heap memory used again from step to step, and the
+# direction is read back from the 32 MiB L3: there writing it out is cheaper
+# than computing it twice (two 27 MiB leaves: 0.51 of the roof written out,
+# 0.45 spelled; one of 36 MiB: 0.40 and 0.55; benchmarks/RESULTS.md, "LAMB's
+# norm spelled apart").
+_SPELLED_MIN_BYTES = 32 * 2**20
 
 
 def spells_norm(u: jax.Array) -> bool:
@@ -656,7 +656,9 @@ def adam_family(
   (its norm and the update), so XLA:CPU materialises it; without a
   workspace a large one is fresh mmapped memory every step, whose page
   faults cost about a fifth of a BERT-base step on the benchmark machine.
-  A donated state buffer is reused in place instead.
+  A donated state buffer is reused in place instead. On XLA:CPU a
+  direction over ``_SPELLED_MIN_BYTES`` that is not buffered is not
+  written at all: its norm computes it anew (``spelled_direction``).
   """
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   if workspace and not trust:

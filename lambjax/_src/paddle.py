@@ -311,7 +311,9 @@ def Lamb(
   :func:`lambjax.lamb`: the same numbers, fewer compiled kernels.
   ``workspace`` (keyword only, a lambjax addition; CPU) keeps a buffer in
   the state for each update direction over 16 MiB, as in
-  :func:`lambjax.lamb`: the same numbers, a faster step on XLA:CPU.
+  :func:`lambjax.lamb`: the same numbers up to rounding, a faster step on
+  XLA:CPU for directions of 16-32 MiB (larger ones are not written out
+  without it either).
 
   Examples:
     >>> import jax.numpy as jnp
