@@ -1403,8 +1403,12 @@ _SPELLED_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize('use_jit', [True, False], ids=['jit', 'nojit'])
-@pytest.mark.parametrize('name', sorted(_SPELLED_CONFIGS))
+@pytest.mark.parametrize(
+  'name, use_jit',
+  [(name, True) for name in sorted(_SPELLED_CONFIGS)]
+  # Eagerly too, where the spelled piece runs compiled on its own.
+  + [('lamb', False), ('lamb_masks_clamp_ratio', False)],
+)
 def test_spelled_lamb_norm_equals_chain(name, use_jit, monkeypatch):
   """LAMB's norm taken from its own spelling of the direction (leaves over
   32 MiB on XLA:CPU; here every leaf) gives the chain's trajectory and
