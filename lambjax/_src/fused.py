@@ -603,10 +603,9 @@ _SPELLED_MIN_BYTES = 32 * 2**20
 
 def spells_norm(u: jax.Array) -> bool:
   """Whether LAMB's norm of direction ``u`` (one whole leaf) is spelled."""
-  size = jnp.dtype(u.dtype).itemsize
-  return (
-    materialises_shared() and size >= 4 and u.size * size > (_SPELLED_MIN_BYTES)
-  )
+  itemsize = jnp.dtype(u.dtype).itemsize
+  nbytes = u.size * itemsize
+  return materialises_shared() and itemsize >= 4 and nbytes > _SPELLED_MIN_BYTES
 
 
 def _direction_dtype(p, mu_dtype, nu_dtype):
@@ -855,8 +854,9 @@ def adam_family(
       if not adapted:
         return None
       axis = items.axis(v, stacked, g.shape)
-      # Moments stored as computed (not recast: the spelled direction reads
-      # the stored ones).
+      # Moments stored as computed: the spelled direction then reads the
+      # step's outputs. Recast, the float32 m and v would be temporaries read
+      # by two fusions, and written out.
       kept = out_m[v].dtype == m.dtype and out_v[v].dtype == v_.dtype
       whole = axis is None and not nesterov  # (No Nesterov LAMB here.)
       if whole and kept and spells_norm(u) and not buffered:
